@@ -1,0 +1,211 @@
+"""Extractor factories: turn a model's raw text into the value a record keeps.
+
+Every factory returns an :class:`Extractor`, a plain callable ``str -> value`` that raises
+:class:`~datagen.errors.ExtractionError` when it finds nothing. Any other callable, sync
+or async, works in its place. Extractors carry a ``name`` (part of a run's fingerprint)
+and, where one exists, a description of the output shape a constrained decoder can
+enforce (``tag_name``, ``json_schema``).
+"""
+
+from __future__ import annotations
+
+import json as _json
+import re
+from typing import Any, Generic, TypeVar
+
+from datagen.errors import ExtractionError
+
+T = TypeVar("T")
+_FENCE = re.compile(r"(?P<fence>```|~~~)[ \t]*(?P<lang>[\w+#.-]*)[^\n]*\n(?P<body>.*?)(?P=fence)",
+                    re.DOTALL)
+
+
+def _preview(text: str, limit: int = 120) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class Extractor(Generic[T]):
+    """A named ``str -> T`` callable. Subclasses implement :meth:`extract`."""
+
+    name: str = "extractor"
+    tag_name: str | None = None
+    json_schema: dict[str, Any] | None = None
+
+    def __call__(self, text: str) -> T:
+        if not isinstance(text, str):
+            raise ExtractionError(f"{self.name}: expected text, got {type(text).__name__}")
+        return self.extract(text)
+
+    def extract(self, text: str) -> T:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+class TagExtractor(Extractor[str]):
+    """The stripped text of the first complete ``<tag>...</tag>`` block."""
+
+    def __init__(self, tag: str) -> None:
+        if not re.fullmatch(r"[A-Za-z_][\w.-]*", tag):
+            raise ValueError(f"not a valid tag name: {tag!r} (use letters, digits, _ . -)")
+        self.tag_name = tag
+        self.name = f"tag({tag})"
+        self._open = re.compile(rf"<{re.escape(tag)}(?:\s[^<>]*)?>")
+        self._close = re.compile(rf"</{re.escape(tag)}\s*>")
+
+    def extract(self, text: str) -> str:
+        # The first closing tag ends the first complete block; its opening tag is the last
+        # one before it (so "<d> stray <d>real</d>" gives "real").
+        for close in self._close.finditer(text):
+            opens = list(self._open.finditer(text, 0, close.start()))
+            if not opens:
+                continue
+            body = text[opens[-1].end(): close.start()].strip()
+            if body:
+                return body
+            raise ExtractionError(f"<{self.tag_name}> block is empty")
+        raise ExtractionError(
+            f"no complete <{self.tag_name}>...</{self.tag_name}> block in the response: "
+            f"{_preview(text)!r}"
+        )
+
+
+class RegexExtractor(Extractor[Any]):
+    """The first match of a pattern.
+
+    Returns the named ``group`` if given; else the only named group; else a dict of all
+    named groups; else group 1 (or the whole match when the pattern has no groups).
+    """
+
+    def __init__(self, pattern: str | re.Pattern[str], group: str | int | None = None,
+                 flags: int = 0) -> None:
+        self.pattern = re.compile(pattern, flags) if isinstance(pattern, str) else pattern
+        names = list(self.pattern.groupindex)
+        if group is not None and isinstance(group, str) and group not in names:
+            raise ValueError(f"pattern {self.pattern.pattern!r} has no group named {group!r}")
+        self.group = group
+        self.name = f"regex({self.pattern.pattern})"
+
+    def extract(self, text: str) -> Any:
+        match = self.pattern.search(text)
+        if match is None:
+            raise ExtractionError(
+                f"pattern {self.pattern.pattern!r} not found in the response: {_preview(text)!r}"
+            )
+        if self.group is not None:
+            return match.group(self.group)
+        names = list(self.pattern.groupindex)
+        if len(names) == 1:
+            return match.group(names[0])
+        if names:
+            return match.groupdict()
+        return match.group(1) if self.pattern.groups else match.group(0)
+
+
+def _json_candidates(text: str) -> list[str]:
+    """Places a JSON value may start: the whole text, fenced blocks, then each { or [."""
+    out = [text.strip()]
+    out += [m.group("body").strip() for m in _FENCE.finditer(text)]
+    return out
+
+
+def find_json(text: str) -> Any:
+    """The first JSON value in ``text``, tolerating code fences and surrounding prose."""
+    decoder = _json.JSONDecoder()
+    for candidate in _json_candidates(text):
+        if not candidate:
+            continue
+        try:
+            return _json.loads(candidate)
+        except ValueError:
+            pass
+    for i, ch in enumerate(text):
+        if ch in "{[":
+            try:
+                value, _ = decoder.raw_decode(text, i)
+                return value
+            except ValueError:
+                continue
+    raise ExtractionError(f"no JSON value found in the response: {_preview(text)!r}")
+
+
+class JsonExtractor(Extractor[Any]):
+    """The first JSON value in the response; validated into ``schema`` if one is given.
+
+    ``schema`` may be a pydantic model class (the value becomes an instance of it) or any
+    type pydantic's TypeAdapter accepts (``list[Question]``, ``dict[str, int]``, ...).
+    """
+
+    def __init__(self, schema: Any = None) -> None:
+        self.schema = schema
+        self._adapter: Any = None
+        if schema is None:
+            self.name = "json"
+            return
+        from pydantic import TypeAdapter
+
+        self._adapter = TypeAdapter(schema)
+        self.json_schema = self._adapter.json_schema()
+        self.name = f"json({getattr(schema, '__name__', repr(schema))})"
+
+    def extract(self, text: str) -> Any:
+        value = find_json(text)
+        if self._adapter is None:
+            return value
+        from pydantic import ValidationError
+
+        try:
+            return self._adapter.validate_python(value)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ExtractionError(f"JSON does not match {self.name[5:-1]}: {problems}") from None
+
+
+class CodeBlockExtractor(Extractor[str]):
+    """The body of the first fenced code block (of ``language``, if given)."""
+
+    def __init__(self, language: str | None = None) -> None:
+        self.language = language.lower() if language else None
+        self.name = f"code({language or ''})"
+
+    def extract(self, text: str) -> str:
+        for match in _FENCE.finditer(text):
+            if self.language is None or match.group("lang").lower() == self.language:
+                return match.group("body").rstrip("\n")
+        lang = f"```{self.language}" if self.language else "fenced"
+        raise ExtractionError(f"no {lang} code block in the response: {_preview(text)!r}")
+
+
+def tag(name: str) -> TagExtractor:
+    """Extract the text of the first complete ``<name>...</name>`` block, stripped."""
+    return TagExtractor(name)
+
+
+def regex(pattern: str | re.Pattern[str], group: str | int | None = None,
+          flags: int = 0) -> RegexExtractor:
+    """Extract the first match of ``pattern`` (see :class:`RegexExtractor`)."""
+    return RegexExtractor(pattern, group, flags)
+
+
+def json(schema: Any = None) -> JsonExtractor:
+    """Extract the first JSON value, optionally validated into ``schema``."""
+    return JsonExtractor(schema)
+
+
+def pydantic(model: type[T]) -> JsonExtractor:
+    """Extract JSON and validate it into the pydantic ``model`` (an instance is returned)."""
+    return JsonExtractor(model)
+
+
+def code(language: str | None = None) -> CodeBlockExtractor:
+    """Extract the body of the first fenced code block, optionally of ``language``."""
+    return CodeBlockExtractor(language)
+
+
+def make_default_extractor(pattern_name: str = "draft") -> TagExtractor:
+    """The template's default: the text between ``<pattern_name>`` tags."""
+    return TagExtractor(pattern_name)

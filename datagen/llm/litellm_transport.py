@@ -1,0 +1,146 @@
+"""The transport for every provider: ``litellm.acompletion``.
+
+litellm is imported on first use (it takes seconds), with its price map read from the
+local copy so nothing reaches for the network. Retries are ours: litellm's own
+(``num_retries``) and the openai SDK's (``max_retries``, two by default) are turned off,
+or a 429 would hit the server three times per attempt and every count would lie.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import lru_cache
+from types import ModuleType
+from typing import Any
+
+from datagen.llm.errors import CallError, kind_for_status, parse_retry_after
+from datagen.llm.types import ChatRequest, Completion, Usage
+from datagen.redact import redact
+
+
+@lru_cache(maxsize=1)
+def import_litellm() -> ModuleType:
+    """Import litellm once, offline and quiet."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stderr
+    litellm.telemetry = False
+    return litellm
+
+
+def known_providers() -> set[str]:
+    litellm = import_litellm()
+    return {p.value if hasattr(p, "value") else str(p) for p in litellm.provider_list}
+
+
+def _headers_of(exc: BaseException) -> Any:
+    headers = getattr(exc, "litellm_response_headers", None)
+    if headers:
+        return headers
+    response = getattr(exc, "response", None)
+    return getattr(response, "headers", None)
+
+
+def classify(exc: BaseException) -> CallError:
+    """Map any exception from litellm (or below it) to a :class:`CallError`."""
+    litellm = import_litellm()
+    message = redact(str(getattr(exc, "message", None) or exc) or type(exc).__name__)
+    status = getattr(exc, "status_code", None)
+    status = status if isinstance(status, int) else None
+    retry_after = parse_retry_after(_headers_of(exc))
+    checks: list[tuple[type[BaseException], str]] = [
+        (litellm.ContextWindowExceededError, "context_window"),
+        (litellm.ContentPolicyViolationError, "content_filter"),
+        (litellm.AuthenticationError, "auth"),
+        (litellm.PermissionDeniedError, "auth"),
+        (litellm.NotFoundError, "not_found"),
+        (litellm.RateLimitError, "rate_limit"),
+        (litellm.Timeout, "timeout"),
+        (litellm.APIConnectionError, "connection"),
+        (litellm.InternalServerError, "server_error"),
+        (litellm.ServiceUnavailableError, "server_error"),
+        (litellm.BadRequestError, "bad_request"),
+        (litellm.UnprocessableEntityError, "bad_request"),
+    ]
+    if "Connection error" in message or "Cannot connect to host" in message:
+        # litellm reports a refused or reset connection as an InternalServerError
+        return CallError("connection", message, status, retry_after)
+    for cls, kind in checks:
+        if isinstance(exc, cls):
+            if kind == "bad_request" and status is not None and status >= 500:
+                kind = "server_error"
+            return CallError(kind, message, status, retry_after)
+    if isinstance(exc, TimeoutError):
+        return CallError("timeout", message, status, retry_after)
+    if isinstance(exc, (ConnectionError, OSError)):
+        return CallError("connection", message, status, retry_after)
+    return CallError(kind_for_status(status), f"{type(exc).__name__}: {message}", status,
+                     retry_after)
+
+
+def _dummy_key_needed(request: ChatRequest) -> bool:
+    # A self-hosted OpenAI-compatible server (vLLM, llama.cpp, ...) takes no key, but the
+    # openai SDK refuses to start without one: give it the conventional placeholder.
+    return bool(request.base_url) and request.model.startswith("openai/") and not (
+        os.environ.get("OPENAI_API_KEY")
+    )
+
+
+def _to_completion(response: Any, latency: float) -> Completion:
+    choices = getattr(response, "choices", None) or []
+    if not choices:
+        raise CallError("empty_response", "the response has no choices")
+    choice = choices[0]
+    message = getattr(choice, "message", None)
+    text = getattr(message, "content", None)
+    if text is None:
+        text = getattr(choice, "text", None)  # text-completion shape
+    if text is None:
+        raise CallError("empty_response", "the response has no text content")
+    usage = getattr(response, "usage", None)
+    return Completion(
+        text=text,
+        finish_reason=getattr(choice, "finish_reason", None),
+        usage=Usage(
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        ),
+        model=str(getattr(response, "model", "") or ""),
+        latency_s=latency,
+    )
+
+
+class LiteLLMTransport:
+    """Sends a :class:`ChatRequest` through ``litellm.acompletion``."""
+
+    name = "litellm"
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        litellm = import_litellm()
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "messages": request.messages,
+            "timeout": request.timeout,
+            "num_retries": 0,
+            "max_retries": 0,
+            **request.params,
+        }
+        if request.api_key:
+            kwargs["api_key"] = request.api_key
+        elif _dummy_key_needed(request):
+            kwargs["api_key"] = "EMPTY"
+        if request.base_url:
+            kwargs["api_base"] = request.base_url
+        started = time.perf_counter()
+        try:
+            response = await litellm.acompletion(**kwargs)
+        except CallError:
+            raise
+        except Exception as exc:  # every provider failure is classified, none escapes raw
+            raise classify(exc) from None
+        return _to_completion(response, time.perf_counter() - started)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,200 @@
+"""The data pool: a list, any iterable (generators too), an async iterable, or the path
+of a JSONL file, read lazily, one item at a time.
+
+Each item of the single-step form is ``{"user_prompt_kwargs": {...},
+"system_prompt_kwargs": {...}}``; other keys are kept and written to the record under
+``meta``. A malformed item is an error that names its index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+    Sized,
+)  # fmt: skip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from datagen.errors import DataPoolError
+
+ITEM_SHAPE = '{"user_prompt_kwargs": {...}, "system_prompt_kwargs": {...}}'
+_RESERVED = ("user_prompt_kwargs", "system_prompt_kwargs")
+
+
+@dataclass(frozen=True)
+class PoolItem:
+    index: int
+    user_kwargs: Mapping[str, Any]
+    system_kwargs: Mapping[str, Any]
+    meta: Mapping[str, Any]
+
+    @property
+    def key(self) -> str:
+        """A stable content hash of the item (not its position): resume and cache identity."""
+        payload = orjson.dumps(
+            {"u": self.user_kwargs, "s": self.system_kwargs, "m": self.meta},
+            option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
+            default=repr,
+        )
+        return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+def to_item(index: int, raw: Any) -> PoolItem:
+    """Check one raw pool entry and wrap it; errors name the index and the fix."""
+    if not isinstance(raw, Mapping):
+        raise DataPoolError(
+            f"data pool item {index} is a {type(raw).__name__}, not a dict. "
+            f"Each item must look like {ITEM_SHAPE}."
+        )
+    if "user_prompt_kwargs" not in raw:
+        keys = ", ".join(map(str, raw)) or "none"
+        raise DataPoolError(
+            f"data pool item {index} has no 'user_prompt_kwargs' (its keys: {keys}). "
+            f"Each item must look like {ITEM_SHAPE}."
+        )
+    user = raw["user_prompt_kwargs"]
+    system = raw.get("system_prompt_kwargs")
+    system = {} if system is None else system
+    for name, value in (("user_prompt_kwargs", user), ("system_prompt_kwargs", system)):
+        if not isinstance(value, Mapping):
+            raise DataPoolError(
+                f"data pool item {index}: '{name}' must be a dict of template variables, "
+                f"not a {type(value).__name__}"
+            )
+    meta = {k: v for k, v in raw.items() if k not in _RESERVED}
+    return PoolItem(index, user, system, meta)
+
+
+def _read_jsonl(path: Path) -> Iterator[Any]:
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the generator's finally
+    except OSError as exc:
+        raise DataPoolError(f"cannot read the data pool file {path}: {exc.strerror}") from None
+    with fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise DataPoolError(
+                    f"{path}, line {lineno}: not valid JSON ({exc}). Each line of a data pool "
+                    "file must be one JSON object."
+                ) from None
+
+
+@dataclass
+class Pool:
+    """A data pool made ready to iterate: its size when known, and whether it can be
+    read twice (then every item is checked before the first request is sent)."""
+
+    source: Any
+    total: int | None
+    reiterable: bool
+
+    def raw_items(self) -> Iterator[Any]:
+        if isinstance(self.source, Path):
+            return _read_jsonl(self.source)
+        return iter(self.source)
+
+    def is_async(self) -> bool:
+        return isinstance(self.source, AsyncIterable) and not isinstance(self.source, Iterable)
+
+
+def open_pool(data_pool: Any) -> Pool:
+    """Classify what the user passed as a data pool; raise if it cannot be one."""
+    if isinstance(data_pool, (str, os.PathLike)):
+        path = Path(data_pool)
+        if not path.is_file():
+            raise DataPoolError(
+                f"data pool file not found: {path}. Pass a list of items, an iterable, "
+                "or the path of an existing JSONL file."
+            )
+        with open(path, "rb") as fh:
+            total = sum(1 for line in fh if line.strip())
+        return Pool(path, total, reiterable=True)
+    if isinstance(data_pool, Mapping):
+        raise DataPoolError(
+            "the data pool is a single dict; pass a list of items, e.g. [item], "
+            f"where each item looks like {ITEM_SHAPE}"
+        )
+    if isinstance(data_pool, (bytes, bytearray)):
+        raise DataPoolError("the data pool is bytes; pass a list of items or a JSONL path")
+    if isinstance(data_pool, Sequence):
+        return Pool(data_pool, len(data_pool), reiterable=True)
+    if isinstance(data_pool, (Iterable, AsyncIterable)):
+        size: int | None = len(data_pool) if isinstance(data_pool, Sized) else None
+        return Pool(data_pool, size, reiterable=False)
+    raise DataPoolError(
+        f"the data pool must be a list, an iterable of items or the path of a JSONL file, "
+        f"not a {type(data_pool).__name__}"
+    )
+
+
+class ItemSource:
+    """Hands out (index, raw item) pairs to the workers, one at a time.
+
+    Workers share one source; for an async iterable a lock keeps two workers from
+    advancing it at once (an async generator cannot be re-entered).
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self._sync: Iterator[Any] | None = None
+        self._async: AsyncIterator[Any] | None = None
+        if pool.is_async():
+            self._async = pool.source.__aiter__()
+        else:
+            self._sync = pool.raw_items()
+        self._index = 0
+        self._lock: Any = None
+        self.exhausted = False
+
+    async def next(self) -> tuple[int, Any] | None:
+        if self.exhausted:
+            return None
+        if self._sync is not None:
+            try:
+                raw = next(self._sync)
+            except StopIteration:
+                self.exhausted = True
+                return None
+            except DataPoolError:
+                raise
+            except Exception as exc:  # the user's iterator failed: a pipeline-level fault
+                raise self._failed(exc) from exc
+        else:
+            import asyncio
+
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self.exhausted:
+                    return None
+                assert self._async is not None
+                try:
+                    raw = await self._async.__anext__()
+                except StopAsyncIteration:
+                    self.exhausted = True
+                    return None
+                except Exception as exc:  # the user's iterator failed
+                    raise self._failed(exc) from exc
+        index = self._index
+        self._index += 1
+        return index, raw
+
+    def _failed(self, exc: Exception) -> DataPoolError:
+        self.exhausted = True
+        return DataPoolError(
+            f"the data pool raised {type(exc).__name__} while producing item {self._index}: "
+            f"{exc}"
+        )

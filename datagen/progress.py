@@ -1,0 +1,122 @@
+"""The progress display on stderr: a rich bar on a terminal, a few plain lines elsewhere.
+
+This module (with the CLI) is the only place datagen writes to the terminal; library code
+logs through ``logging``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Protocol
+
+PLAIN_INTERVAL_S = 30.0
+
+
+class Display(Protocol):
+    def start(self, total: int | None) -> None: ...
+
+    def update(self, done: int, failed: int) -> None: ...
+
+    def close(self, done: int, failed: int) -> None: ...
+
+
+class NoDisplay:
+    def start(self, total: int | None) -> None:
+        return None
+
+    def update(self, done: int, failed: int) -> None:
+        return None
+
+    def close(self, done: int, failed: int) -> None:
+        return None
+
+
+def _rate(done: int, started: float) -> float:
+    elapsed = time.monotonic() - started
+    return done / elapsed if elapsed > 0 else 0.0
+
+
+class PlainDisplay:
+    """For logs and CI: a line at the start, one every 30 s, one at the end."""
+
+    def __init__(self, label: str, stream: Any = None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.total: int | None = None
+        self.started = time.monotonic()
+        self.last = self.started
+
+    def _line(self, done: int, failed: int) -> str:
+        of = f"/{self.total}" if self.total is not None else ""
+        return (f"datagen {self.label}: {done + failed}{of} items, {done} done, {failed} failed, "
+                f"{_rate(done + failed, self.started):.1f} items/s")
+
+    def start(self, total: int | None) -> None:
+        self.total = total
+        self.started = self.last = time.monotonic()
+        of = f"{total} items" if total is not None else "items from an iterator"
+        self.stream.write(f"datagen {self.label}: started, {of}\n")
+
+    def update(self, done: int, failed: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PLAIN_INTERVAL_S:
+            self.last = now
+            self.stream.write(self._line(done, failed) + "\n")
+
+    def close(self, done: int, failed: int) -> None:
+        took = time.monotonic() - self.started
+        self.stream.write(self._line(done, failed) + f" in {took:.1f}s\n")
+        self.stream.flush()
+
+
+class RichDisplay:
+    """A live bar: items done/total, rate, failures, elapsed, ETA."""
+
+    def __init__(self, label: str) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )  # fmt: skip
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:.1f} items/s"),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self.label = label
+        self.task: Any = None
+        self.started = time.monotonic()
+
+    def start(self, total: int | None) -> None:
+        self.started = time.monotonic()
+        self.progress.start()
+        self.task = self.progress.add_task(self.label, total=total, failed=0, rate=0.0)
+
+    def update(self, done: int, failed: int) -> None:
+        self.progress.update(self.task, completed=done + failed, failed=failed,
+                             rate=_rate(done + failed, self.started))
+
+    def close(self, done: int, failed: int) -> None:
+        self.update(done, failed)
+        self.progress.stop()
+
+
+def make_display(enabled: bool, label: str) -> Display:
+    """Rich on a terminal; plain lines when stderr is redirected; nothing when disabled."""
+    if not enabled:
+        return NoDisplay()
+    if sys.stderr.isatty():
+        return RichDisplay(label)
+    return PlainDisplay(label)
