@@ -279,6 +279,25 @@ def apply_overrides(
     return merged, touched, problems
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["model.temperature=0.2", "base_url=http://..."]`` -> overrides.
+
+    Values are read as YAML scalars, so ``0.2`` is a number, ``true`` a bool and ``null``
+    None; anything else stays a string.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        out[key.strip()] = value
+    return out
+
+
 def _walk_strings(data: Any, prefix: str = "") -> list[tuple[str, str]]:
     """Every (dotted path, string value) in a nested structure."""
     if isinstance(data, Mapping):

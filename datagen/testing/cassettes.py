@@ -1,0 +1,72 @@
+"""Record and replay a pipeline's HTTP traffic with vcrpy, with no secret on disk.
+
+- Requests match on method, path and body (not host or port), so a cassette recorded
+  against one server replays anywhere, and concurrent requests each get their own answer
+  instead of the answers in recording order.
+- Credential headers are dropped before a cassette is written; secrets datagen knows of
+  are scrubbed from request and response bodies too.
+- Replay mode is ``none``: a request the cassette lacks fails at once, it never reaches
+  the network. Run with ``max_retries=0`` so a miss is reported on the first attempt.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from datagen.redact import redact
+
+SECRET_HEADERS = (
+    "authorization", "api-key", "x-api-key", "anthropic-api-key", "x-goog-api-key",
+    "openai-organization", "openai-project", "cookie", "set-cookie", "proxy-authorization",
+)  # fmt: skip
+SECRET_QUERY = ("key", "api_key", "api-key", "token")
+MATCH_ON = ("method", "path", "body")
+RECORD_ENV = "DATAGEN_RECORD"
+
+
+def recording_requested() -> bool:
+    """True when ``DATAGEN_RECORD=1``: cassettes are (re)written from live traffic."""
+    return os.environ.get(RECORD_ENV, "") not in ("", "0", "false", "False")
+
+
+def _scrub_request(request: Any) -> Any:
+    body = request.body
+    if isinstance(body, bytes):
+        request.body = redact(body.decode("utf-8", "replace")).encode("utf-8")
+    elif isinstance(body, str):
+        request.body = redact(body)
+    return request
+
+
+def _scrub_response(response: dict[str, Any]) -> dict[str, Any]:
+    body = response.get("body", {})
+    raw = body.get("string")
+    if isinstance(raw, bytes):
+        body["string"] = redact(raw.decode("utf-8", "replace")).encode("utf-8")
+    for name in list(response.get("headers", {})):
+        if name.lower() in SECRET_HEADERS:
+            del response["headers"][name]
+    return response
+
+
+def make_vcr(cassette_dir: str | Path, record: bool | None = None) -> Any:
+    """A configured ``vcr.VCR``. ``record`` defaults to :func:`recording_requested`."""
+    try:
+        import vcr
+    except ImportError:
+        raise ImportError(
+            "cassettes need vcrpy: pip install 'datagen[dev]' (or pip install vcrpy)"
+        ) from None
+    record = recording_requested() if record is None else record
+    return vcr.VCR(
+        cassette_library_dir=str(cassette_dir),
+        record_mode="all" if record else "none",
+        match_on=MATCH_ON,
+        filter_headers=list(SECRET_HEADERS),
+        filter_query_parameters=list(SECRET_QUERY),
+        before_record_request=_scrub_request,
+        before_record_response=_scrub_response,
+        decode_compressed_response=True,
+    )

@@ -1,0 +1,58 @@
+"""A custom ``parse_response``: any function ``str -> value`` (sync or async) will do.
+
+    python examples/custom_parser/pipeline.py base_url=http://127.0.0.1:8000/v1
+
+The parser below finds the JSON in the response (models like to add prose and code
+fences), checks it, and returns a dict. Whatever it raises makes that item a failure with
+the message, in ``*_failures.jsonl``; the run goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from datagen import DataGenerationPipeline
+from datagen.config import parse_overrides
+from datagen.extract import find_json
+
+HERE = Path(__file__).resolve().parent
+TOPICS = [("photosynthesis", "middle school"), ("prime numbers", "high school"),
+          ("the French Revolution", "university")]
+
+
+def parse_response(text: str) -> dict[str, Any]:
+    value = find_json(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+    missing = {"question", "answer", "difficulty"} - value.keys()
+    if missing:
+        raise ValueError(f"missing keys: {', '.join(sorted(missing))}")
+    difficulty = int(value["difficulty"])
+    if not 1 <= difficulty <= 5:
+        raise ValueError(f"difficulty {difficulty} is outside 1-5")
+    return {"question": str(value["question"]).strip(), "answer": str(value["answer"]).strip(),
+            "difficulty": difficulty}
+
+
+def data_pool() -> list[dict[str, Any]]:
+    return [{"user_prompt_kwargs": {"topic": topic, "level": level}} for topic, level in TOPICS]
+
+
+def build(**overrides: Any) -> DataGenerationPipeline:
+    return DataGenerationPipeline(config=HERE / "config.yaml", **overrides)
+
+
+async def main(argv: list[str]) -> list[dict[str, Any]]:
+    pipeline = build(**parse_overrides(argv))
+    results = await pipeline.run(data_pool(), concurrency_limit=3, parse_response=parse_response)
+    assert pipeline.last_run_files is not None
+    print(f"{len(results)} of {len(TOPICS)} questions written to "
+          f"{pipeline.last_run_files.results}")
+    return results
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))

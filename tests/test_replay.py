@@ -1,0 +1,131 @@
+"""End-to-end runs of the example scripts, replayed from recorded HTTP cassettes.
+
+Replay needs no server and no network. To re-record (the cassettes are then rewritten
+from live traffic): ``DATAGEN_RECORD=1 pytest tests/test_replay.py`` records against the
+project's fake server, or against a real OpenAI-compatible server given by
+``DATAGEN_RECORD_BASE_URL``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import orjson
+import pytest
+from conftest import topic_draft
+
+from datagen.testing import FakeOpenAIServer
+from datagen.testing.cassettes import SECRET_HEADERS, make_vcr, recording_requested
+from datagen.testing.fake_server import last_user_message
+
+ROOT = Path(__file__).resolve().parent.parent
+CASSETTES = Path(__file__).resolve().parent / "cassettes"
+UNREACHABLE = "http://127.0.0.1:9/v1"  # replay never connects; a leak fails loudly here
+
+
+def load_example(name: str) -> ModuleType:
+    path = ROOT / "examples" / name / "pipeline.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recording_responder(body: dict[str, Any]) -> str:
+    prompt = last_user_message(body)
+    match = re.search(r"quiz question about (.+?) for", prompt)
+    if match:
+        answer = {"question": f"What is the key idea of {match.group(1)}?",
+                  "answer": f"The key idea of {match.group(1)}.", "difficulty": 3}
+        return "Here is the question:\n```json\n" + orjson.dumps(answer).decode() + "\n```"
+    return topic_draft(body)
+
+
+@pytest.fixture
+def base_url() -> Iterator[str]:
+    """Where requests go: a live server while recording, nowhere while replaying."""
+    if not recording_requested():
+        yield UNREACHABLE
+    elif os.environ.get("DATAGEN_RECORD_BASE_URL"):
+        yield os.environ["DATAGEN_RECORD_BASE_URL"]
+    else:
+        with FakeOpenAIServer(responder=recording_responder) as server:
+            yield server.base_url
+
+
+@pytest.fixture
+def cassette(request: pytest.FixtureRequest) -> Iterator[Any]:
+    with make_vcr(CASSETTES).use_cassette(f"{request.node.name}.yaml") as cas:
+        yield cas
+
+
+def overrides(base_url: str, tmp_path: Path) -> dict[str, Any]:
+    return {"base_url": base_url, "api_key": "sk-cassette-test-key-0001", "max_retries": 0,
+            "temperature": 0.0, "output_dir": str(tmp_path), "progress": False}
+
+
+async def test_five_topics_example(base_url: str, cassette: Any, tmp_path: Path) -> None:
+    example = load_example("five_topics")
+    pipeline = example.build(**overrides(base_url, tmp_path))
+    results = await pipeline.run(example.data_pool(), concurrency_limit=5,
+                                 extract_function=pipeline.make_default_extractor("draft"))
+    assert [r["user_prompt_kwargs"]["topic"] for r in results] == example.TOPICS
+    for record in results:
+        assert record["output"].strip() and "<draft>" not in record["output"]
+    lines = pipeline.last_run_files.results.read_bytes().splitlines()
+    assert len(lines) == 5
+    assert cassette.play_count == 5 or recording_requested()
+
+
+async def test_custom_parser_example(base_url: str, cassette: Any, tmp_path: Path) -> None:
+    example = load_example("custom_parser")
+    pipeline = example.build(**overrides(base_url, tmp_path))
+    results = await pipeline.run(example.data_pool(), concurrency_limit=3,
+                                 parse_response=example.parse_response)
+    assert len(results) == 3
+    for record in results:
+        assert set(record["output"]) == {"question", "answer", "difficulty"}
+        assert 1 <= record["output"]["difficulty"] <= 5
+
+
+async def test_concurrent_requests_replay_their_own_answers(base_url: str, cassette: Any,
+                                                            tmp_path: Path) -> None:
+    example = load_example("five_topics")
+    pipeline = example.build(**overrides(base_url, tmp_path))
+    pool = [{"user_prompt_kwargs": {"topic": f"subject number {i}", "word_count": "20 words"},
+             "system_prompt_kwargs": {"tone": "plain"}} for i in range(24)]
+    results = await pipeline.run(pool, concurrency_limit=12,
+                                 extract_function=pipeline.make_default_extractor("draft"))
+    assert len(results) == 24
+    for i, record in enumerate(results):
+        assert f"number {i} " in record["output"] + " "
+
+
+async def test_a_request_missing_from_the_cassette_fails_fast(cassette: Any,
+                                                              tmp_path: Path) -> None:
+    if recording_requested():
+        pytest.skip("only meaningful in replay")
+    example = load_example("five_topics")
+    pipeline = example.build(**overrides(UNREACHABLE, tmp_path))
+    pool = [{"user_prompt_kwargs": {"topic": "never recorded", "word_count": "1 word"},
+             "system_prompt_kwargs": {"tone": "plain"}}]
+    assert await pipeline.run(pool) == []
+    failure = orjson.loads(pipeline.last_run_files.failures.read_bytes())
+    assert failure["error"]["attempts"] == 1
+
+
+def test_no_cassette_holds_a_secret() -> None:
+    files = sorted(CASSETTES.glob("*.yaml"))
+    assert files, "no cassettes recorded"
+    for path in files:
+        text = path.read_text().lower()
+        for header in SECRET_HEADERS:
+            assert f"\n      {header}:" not in text, (path, header)
+        assert "bearer" not in text and "sk-cassette-test-key" not in text, path

@@ -1,0 +1,163 @@
+"""Unit tests of the small modules: sink, run files, pool keys, Retry-After, throttle, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from datagen.config import parse_overrides
+from datagen.errors import ConfigError, OutputError
+from datagen.llm.errors import kind_for_status, parse_retry_after
+from datagen.llm.throttle import Throttle
+from datagen.pool import to_item
+from datagen.redact import redact, register
+from datagen.store import JsonlSink, RunFiles, dumps_line
+
+
+def test_run_files_timestamped_names(tmp_path: Path) -> None:
+    files = RunFiles.create(tmp_path, "demo", True, now=datetime(2026, 11, 22, 10, 15, 0))
+    assert files.results.name == "demo_20261122_101500.jsonl"
+    assert files.failures.name == "demo_20261122_101500_failures.jsonl"
+    assert files.manifest.name == "demo_20261122_101500_manifest.json"
+    assert files.log.name == "demo_20261122_101500.log"
+
+
+def test_run_files_without_timestamp(tmp_path: Path) -> None:
+    assert RunFiles.create(tmp_path, "demo", False).results == tmp_path / "demo.jsonl"
+
+
+def test_experiment_name_must_not_be_a_path(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match="plain name"):
+        RunFiles.create(tmp_path, "a/b", True)
+
+
+def test_sink_appends_complete_lines(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "r.jsonl")
+    for i in range(3):
+        sink.write_line(dumps_line({"i": i, "text": "line\nbreak"}))
+    sink.close()
+    lines = (tmp_path / "r.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(x)["i"] for x in lines] == [0, 1, 2]
+    assert sink.lines == 3
+
+
+def test_dumps_line_handles_pydantic_sets_and_paths() -> None:
+    from pydantic import BaseModel
+
+    class M(BaseModel):
+        a: int
+
+    line = dumps_line({"m": M(a=1), "s": {3}, "p": Path("/x")})
+    assert orjson.loads(line) == {"m": {"a": 1}, "s": [3], "p": "/x"}
+    with pytest.raises(TypeError):
+        dumps_line({"o": object()})
+
+
+def test_item_key_is_content_based() -> None:
+    a = to_item(0, {"user_prompt_kwargs": {"x": 1, "y": 2}})
+    b = to_item(9, {"user_prompt_kwargs": {"y": 2, "x": 1}})
+    c = to_item(0, {"user_prompt_kwargs": {"x": 1, "y": 3}})
+    assert a.key == b.key != c.key
+
+
+def test_item_extra_keys_are_kept_as_meta() -> None:
+    item = to_item(0, {"user_prompt_kwargs": {}, "id": "doc-1"})
+    assert item.meta == {"id": "doc-1"}
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"Retry-After": "2"}, 2.0),
+    ({"retry-after": "0.5"}, 0.5),
+    ({"retry-after-ms": "1500"}, 1.5),
+    ({"Retry-After": "soon"}, None),
+    ({}, None),
+    (None, None),
+])
+def test_parse_retry_after(headers: dict[str, str] | None, expected: float | None) -> None:
+    assert parse_retry_after(headers) == expected
+
+
+def test_parse_retry_after_http_date() -> None:
+    when = datetime.now(timezone.utc) + timedelta(seconds=30)
+    seconds = parse_retry_after({"Retry-After": format_datetime(when, usegmt=True)})
+    assert seconds is not None and 27 <= seconds <= 31
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (429, "rate_limit"), (401, "auth"), (403, "auth"), (404, "not_found"), (500, "server_error"),
+    (503, "server_error"), (400, "bad_request"), (422, "bad_request"), (None, "error"),
+])
+def test_kind_for_status(status: int | None, kind: str) -> None:
+    assert kind_for_status(status) == kind
+
+
+async def test_throttle_spaces_requests_evenly() -> None:
+    throttle = Throttle(50)
+    stamps = []
+    for _ in range(26):
+        await throttle.wait_turn()
+        stamps.append(time.monotonic())
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    # one request per 1/(50 x margin) s: no burst of a whole bucket at the start
+    assert min(gaps[1:]) > 0.012
+    assert stamps[-1] - stamps[0] >= 25 / 50 * 0.9
+
+
+async def test_throttle_pause_holds_every_worker() -> None:
+    throttle = Throttle(None)
+    throttle.pause(0.2)
+    start = time.monotonic()
+    await asyncio.gather(*(throttle.wait_turn() for _ in range(5)))
+    assert time.monotonic() - start >= 0.19
+
+
+def test_redact() -> None:
+    register("sk-redact-me-0123456")
+    assert redact("key=sk-redact-me-0123456!") == "key=<redacted>!"
+    register("abc")  # too short to be a key; would mangle ordinary text
+    assert redact("abc") == "abc"
+
+
+def test_parse_overrides() -> None:
+    assert parse_overrides(["temperature=0.2", "model.model=gpt-x", "need_time_stamp=false",
+                            "base_url=http://127.0.0.1:1/v1", "stop=null"]) == {
+        "temperature": 0.2, "model.model": "gpt-x", "need_time_stamp": False,
+        "base_url": "http://127.0.0.1:1/v1", "stop": None}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["temperature"])
+
+
+def test_import_datagen_is_light() -> None:
+    code = ("import sys, datagen; heavy = [m for m in ('litellm', 'aiohttp', 'jinja2', 'openai')"
+            " if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_check(tmp_path: Path) -> None:
+    from conftest import write_project
+
+    cfg = write_project(tmp_path)
+    ok = subprocess.run([sys.executable, "-m", "datagen.cli", "check", str(cfg)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    cfg.write_text(cfg.read_text().replace("max_tokens", "max_tokenz"))
+    bad = subprocess.run([sys.executable, "-m", "datagen.cli", "check", str(cfg)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "model.max_tokenz" in bad.stderr
+
+
+def test_cli_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "datagen.cli", "--version"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("datagen ")
