@@ -64,6 +64,10 @@ class ModelConfig(_Section):
     response_format: dict[str, Any] | None = None
     # Anything else the provider takes, passed to litellm as it is.
     extra_params: dict[str, Any] = Field(default_factory=dict)
+    # Send the extractor's output constraint (GBNF grammar / JSON format) with each request.
+    # None: only to the embedded local model, which needs it; True: always (llama.cpp
+    # servers take `grammar`); False: never.
+    constrain_output: bool | None = None
 
     @field_validator("api_key", "base_url", mode="before")
     @classmethod
@@ -71,11 +75,19 @@ class ModelConfig(_Section):
         # "${OPENAI_API_KEY:-}" resolves to "": that means "not set here", not "the empty key"
         return None if isinstance(value, str) and not value.strip() else value
 
+    def is_embedded(self) -> bool:
+        """True for the in-process local model (provider ``local`` and no base_url)."""
+        return self.provider == "local" and not self.base_url
+
     def model_string(self) -> str:
-        """The litellm model name: ``provider/model`` unless the model already has it."""
-        if self.model.startswith(f"{self.provider}/"):
-            return self.model
-        return f"{self.provider}/{self.model}"
+        """The litellm model name: ``provider/model`` unless the model already has it.
+
+        ``provider: local`` with a ``base_url`` means a model served locally over the
+        OpenAI API (llama.cpp, vLLM, Ollama's /v1): it goes to that server.
+        """
+        model = self.model.removeprefix(f"{self.provider}/")
+        provider = "openai" if self.provider == "local" and self.base_url else self.provider
+        return f"{provider}/{model}"
 
 
 SAMPLING_FIELDS: tuple[str, ...] = (

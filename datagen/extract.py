@@ -32,6 +32,12 @@ class Extractor(Generic[T]):
     tag_name: str | None = None
     json_schema: dict[str, Any] | None = None
 
+    def constraint(self, max_tokens: int | None = None) -> dict[str, Any] | None:
+        """Request parameters that make a model's output parse (a GBNF grammar or a JSON
+        response format), or None. Sent to models that honour them (model.constrain_output).
+        ``max_tokens`` lets a grammar end the output before the token budget runs out."""
+        return None
+
     def __call__(self, text: str) -> T:
         if not isinstance(text, str):
             raise ExtractionError(f"{self.name}: expected text, got {type(text).__name__}")
@@ -54,6 +60,21 @@ class TagExtractor(Extractor[str]):
         self.name = f"tag({tag})"
         self._open = re.compile(rf"<{re.escape(tag)}(?:\s[^<>]*)?>")
         self._close = re.compile(rf"</{re.escape(tag)}\s*>")
+
+    def gbnf(self, max_chars: int | None = None) -> str:
+        """A GBNF grammar for exactly one non-empty ``<tag>...</tag>`` block.
+
+        With ``max_chars`` the body is bounded, so a small model that would ramble until
+        its token budget runs out has to close the tag in time.
+        """
+        t = self.tag_name
+        rest = "[^<]*" if max_chars is None else f"[^<]{{0,{max(1, max_chars - 1)}}}"
+        return f'root ::= "<{t}>" [ \\t\\n]* [^< \\t\\n] {rest} "</{t}>"\n'
+
+    def constraint(self, max_tokens: int | None = None) -> dict[str, Any] | None:
+        # ~3 characters per token leaves room for the closing tag in any English text
+        max_chars = None if max_tokens is None else max(16, (max_tokens - 8) * 3)
+        return {"grammar": self.gbnf(max_chars)}
 
     def extract(self, text: str) -> str:
         # The first closing tag ends the first complete block; its opening tag is the last
@@ -149,6 +170,12 @@ class JsonExtractor(Extractor[Any]):
         self._adapter = TypeAdapter(schema)
         self.json_schema = self._adapter.json_schema()
         self.name = f"json({getattr(schema, '__name__', repr(schema))})"
+
+    def constraint(self, max_tokens: int | None = None) -> dict[str, Any] | None:
+        fmt: dict[str, Any] = {"type": "json_object"}
+        if self.json_schema is not None:
+            fmt["schema"] = self.json_schema
+        return {"response_format": fmt}
 
     def extract(self, text: str) -> Any:
         value = find_json(text)

@@ -36,8 +36,8 @@ from datagen.store import JsonlSink, RunFiles, dumps_line, iso_now, write_manife
 
 log = logging.getLogger("datagen.pipeline")
 ExtractFunction = Callable[[str], Any]
-# Providers datagen serves itself, not through a litellm provider name.
-BUILTIN_PROVIDERS: frozenset[str] = frozenset()
+# Providers datagen serves itself (registered with litellm as custom providers).
+BUILTIN_PROVIDERS: frozenset[str] = frozenset({"local", "fake"})
 
 
 def _version() -> str:
@@ -62,6 +62,7 @@ class _RunState:
     failures_sink: JsonlSink
     display: Display
     collect: bool
+    constraint: dict[str, Any] = field(default_factory=dict)
     results: dict[int, dict[str, Any]] = field(default_factory=dict)
     succeeded: int = 0
     failed: int = 0
@@ -113,6 +114,11 @@ class DataGenerationPipeline:
 
     def _check_provider(self) -> None:
         provider = self.settings.model.provider
+        if self.settings.model.is_embedded():
+            from datagen.llm.local import check_available
+
+            check_available(self.settings.model.model.removeprefix("local/"))
+            return
         if provider in BUILTIN_PROVIDERS:
             return
         from datagen.llm.litellm_transport import known_providers
@@ -129,12 +135,30 @@ class DataGenerationPipeline:
                 "'openai' with model.base_url."
             )
 
-    def _request(self, messages: list[dict[str, str]]) -> ChatRequest:
+    def _constraint(self, extractor: ExtractFunction | None) -> dict[str, Any]:
+        """The extractor's output constraint, for models that take one (see
+        model.constrain_output); never replaces a grammar or format the user set."""
+        m = self.settings.model
+        wanted = m.is_embedded() if m.constrain_output is None else m.constrain_output
+        constraint = getattr(extractor, "constraint", None)
+        budget = m.max_tokens or m.max_completion_tokens
+        params = constraint(budget) if wanted and callable(constraint) else None
+        if not params:
+            return {}
+        sampling = self.settings.sampling_params()
+        if any(k in sampling for k in ("grammar", "response_format")):
+            return {}
+        if "grammar" in params and not m.is_embedded():
+            return {"extra_body": {"grammar": params["grammar"]}}  # llama.cpp server form
+        return dict(params)
+
+    def _request(self, messages: list[dict[str, str]],
+                 constraint: dict[str, Any] | None = None) -> ChatRequest:
         m = self.settings.model
         return ChatRequest(
             model=m.model_string(),
             messages=messages,
-            params=self.settings.sampling_params(),
+            params={**self.settings.sampling_params(), **(constraint or {})},
             api_key=m.api_key.get_secret_value() if m.api_key else None,
             base_url=m.base_url,
             timeout=m.timeout,
@@ -194,6 +218,7 @@ class DataGenerationPipeline:
             failures_sink=JsonlSink(files.failures),
             display=make_display(show, self.settings.output_data.experiment_name),
             collect=collect,
+            constraint=self._constraint(extractor),
         )
         with RunLog(files.log):
             await self._execute(state, pool, concurrency)
@@ -288,7 +313,8 @@ class DataGenerationPipeline:
         where = f"item {item.index}"
         messages = state.prompt.messages(item.user_kwargs, item.system_kwargs, where)
         try:
-            completion, attempts = await state.caller.call(self._request(messages))
+            completion, attempts = await state.caller.call(
+                self._request(messages, state.constraint))
         except CallError as err:
             if err.fatal:
                 raise RunAbortedError(self._fatal_message(err), err.kind) from None

@@ -1,9 +1,10 @@
 """End-to-end runs of the example scripts, replayed from recorded HTTP cassettes.
 
-Replay needs no server and no network. To re-record (the cassettes are then rewritten
-from live traffic): ``DATAGEN_RECORD=1 pytest tests/test_replay.py`` records against the
-project's fake server, or against a real OpenAI-compatible server given by
-``DATAGEN_RECORD_BASE_URL``.
+The cassettes hold real SmolLM2-135M-Instruct output, served by ``llama_cpp.server`` on
+127.0.0.1 and reached through datagen's normal litellm ``openai/`` path with base_url.
+Replay needs no server and no network. Re-record with ``make cassettes``
+(tests/record_cassettes.py); ``DATAGEN_RECORD=1`` alone records against the project's
+fake server instead.
 """
 
 from __future__ import annotations
@@ -66,9 +67,21 @@ def cassette(request: pytest.FixtureRequest) -> Iterator[Any]:
         yield cas
 
 
-def overrides(base_url: str, tmp_path: Path) -> dict[str, Any]:
+def overrides(base_url: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    # constrain_output: llama.cpp servers take the extractor's GBNF grammar in the body
     return {"base_url": base_url, "api_key": "sk-cassette-test-key-0001", "max_retries": 0,
-            "temperature": 0.0, "output_dir": str(tmp_path), "progress": False}
+            "temperature": 0.0, "output_dir": str(tmp_path), "progress": False,
+            "constrain_output": True, **extra}
+
+
+def recorded_answers(cassette: Any) -> dict[str, str]:
+    """The user message of every recorded request -> the text the server answered."""
+    out = {}
+    for request, response in zip(cassette.requests, cassette.responses, strict=True):
+        body = orjson.loads(request.body)
+        answer = orjson.loads(response["body"]["string"])
+        out[last_user_message(body)] = answer["choices"][0]["message"]["content"]
+    return out
 
 
 async def test_five_topics_example(base_url: str, cassette: Any, tmp_path: Path) -> None:
@@ -81,12 +94,17 @@ async def test_five_topics_example(base_url: str, cassette: Any, tmp_path: Path)
         assert record["output"].strip() and "<draft>" not in record["output"]
     lines = pipeline.last_run_files.results.read_bytes().splitlines()
     assert len(lines) == 5
+    assert all(orjson.loads(line)["model"] for line in lines)
     assert cassette.play_count == 5 or recording_requested()
 
 
 async def test_custom_parser_example(base_url: str, cassette: Any, tmp_path: Path) -> None:
     example = load_example("custom_parser")
-    pipeline = example.build(**overrides(base_url, tmp_path))
+    # llama.cpp servers take a schema as json_object + schema (OpenAI's json_schema form is
+    # what the example ships, for API models and the embedded model)
+    schema = example.build().settings.model.response_format["json_schema"]["schema"]
+    pipeline = example.build(**overrides(base_url, tmp_path, response_format={
+        "type": "json_object", "schema": schema}))
     results = await pipeline.run(example.data_pool(), concurrency_limit=3,
                                  parse_response=example.parse_response)
     assert len(results) == 3
@@ -98,14 +116,17 @@ async def test_custom_parser_example(base_url: str, cassette: Any, tmp_path: Pat
 async def test_concurrent_requests_replay_their_own_answers(base_url: str, cassette: Any,
                                                             tmp_path: Path) -> None:
     example = load_example("five_topics")
-    pipeline = example.build(**overrides(base_url, tmp_path))
+    pipeline = example.build(**overrides(base_url, tmp_path, max_tokens=40,
+                                         constrain_output=False))
     pool = [{"user_prompt_kwargs": {"topic": f"subject number {i}", "word_count": "20 words"},
              "system_prompt_kwargs": {"tone": "plain"}} for i in range(24)]
-    results = await pipeline.run(pool, concurrency_limit=12,
-                                 extract_function=pipeline.make_default_extractor("draft"))
-    assert len(results) == 24
-    for i, record in enumerate(results):
-        assert f"number {i} " in record["output"] + " "
+    results = await pipeline.run(pool, concurrency_limit=12)
+    assert [r["index"] for r in results] == list(range(24))
+    answers = recorded_answers(cassette)
+    assert len(answers) == 24
+    for record in results:  # each request got the answer recorded for its own body
+        prompt = f"Write about {record['user_prompt_kwargs']['topic']} in about 20 words."
+        assert record["raw_response"] == answers[prompt]
 
 
 async def test_a_request_missing_from_the_cassette_fails_fast(cassette: Any,

@@ -1,5 +1,12 @@
-"""Helpers for testing pipelines offline: a fake OpenAI-compatible server on 127.0.0.1."""
+"""Testing kit for pipelines: a fake OpenAI-compatible server on 127.0.0.1, an in-process
+fake model (``provider: fake``), and cassette record/replay (see ``cassettes``).
 
+The pytest plugin (``datagen.testing.plugin``, registered as a pytest11 entry point) adds
+the ``datagen_cassette`` and ``fake_llm`` fixtures to any project that installs datagen.
+"""
+
+from datagen.testing.fake_model import FakeLLM, fake_llm
 from datagen.testing.fake_server import FakeOpenAIServer, FakeReply, completion_body, echo_draft
 
-__all__ = ["FakeOpenAIServer", "FakeReply", "completion_body", "echo_draft"]
+__all__ = ["FakeLLM", "FakeOpenAIServer", "FakeReply", "completion_body", "echo_draft",
+           "fake_llm"]

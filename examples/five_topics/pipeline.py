@@ -22,7 +22,7 @@ TOPICS = ["machine learning", "ocean currents", "medieval castles", "sourdough b
 
 
 def data_pool() -> list[dict[str, Any]]:
-    return [{"user_prompt_kwargs": {"topic": topic, "word_count": "150 words"},
+    return [{"user_prompt_kwargs": {"topic": topic, "word_count": "100 words"},
              "system_prompt_kwargs": {"tone": "plain"}} for topic in TOPICS]
 
 

@@ -1,0 +1,66 @@
+"""Re-record tests/cassettes from a real model over real HTTP (`make cassettes`).
+
+Serves SmolLM2-135M-Instruct with ``python -m llama_cpp.server`` on 127.0.0.1 (a free
+port), runs ``tests/test_replay.py`` in record mode against it through datagen's normal
+litellm ``openai/`` path, then stops the server. Needs ``make local`` (extras local and
+server, and the weights).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from datagen.llm.local import model_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama_cpp.server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"llama_cpp.server did not answer at {url} within {seconds:.0f}s")
+
+
+def main() -> int:
+    port = free_port()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file("smollm2")),
+         "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--n_ctx", "2048"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1/models", server)
+        for old in (ROOT / "tests" / "cassettes").glob("*.yaml"):
+            old.unlink()
+        record_env = {**env, "DATAGEN_RECORD": "1",
+                      "DATAGEN_RECORD_BASE_URL": f"http://127.0.0.1:{port}/v1"}
+        return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                str(ROOT / "tests" / "test_replay.py")], env=record_env,
+                               cwd=ROOT)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
