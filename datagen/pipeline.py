@@ -1,74 +1,48 @@
 """DataGenerationPipeline: config + prompts + a data pool -> a JSONL dataset on disk.
 
-The path of one item (see DESIGN.md): pull from the pool -> check its shape -> render the
-prompt -> wait for a turn (rate limit) -> call -> retry transient errors -> extract ->
-append one line to the results (or failures) file -> update the display. A fixed set of
-``concurrency_limit`` workers pulls items one at a time, so records stream to disk from
-the first second and memory holds only the items in flight, never one task per item.
+This module is the user's side: configuration, prompt loading, the checks made before
+anything is sent, and the choice of run files (new, or the one being resumed). The
+engine (``datagen.engine``) then carries every item to the disk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 from datagen import extract as extract_mod
 from datagen import redact
+from datagen.cache import ResponseCache
 from datagen.config import Settings, load_settings
-from datagen.errors import ConfigError, DatagenError, RunAbortedError
-from datagen.llm.caller import Caller, CallStats, Transport
+from datagen.engine import Engine, RunContext
+from datagen.errors import ConfigError
+from datagen.llm.caller import Caller, Transport
 from datagen.llm.errors import CallError
 from datagen.llm.throttle import Throttle
-from datagen.llm.types import ChatRequest, Completion
-from datagen.pool import ItemSource, Pool, PoolItem, open_pool, to_item
-from datagen.progress import Display, make_display
+from datagen.llm.types import ChatRequest
+from datagen.manifest import check_resume, fingerprint, read_manifest
+from datagen.pool import ItemSource, Pool, open_pool, to_item
+from datagen.progress import make_display
 from datagen.prompts import ChatPrompt
 from datagen.runlog import RunLog
-from datagen.store import JsonlSink, RunFiles, dumps_line, iso_now, write_manifest
+from datagen.store import JsonlSink, RunFiles, read_index, repair_torn_tail
 
 log = logging.getLogger("datagen.pipeline")
 ExtractFunction = Callable[[str], Any]
 # Providers datagen serves itself (registered with litellm as custom providers).
 BUILTIN_PROVIDERS: frozenset[str] = frozenset({"local", "fake"})
+CACHE_FILE = ".datagen_cache.sqlite"
 
 
 def _version() -> str:
     from datagen import __version__
 
     return __version__
-
-
-@dataclass
-class _RunState:
-    """Everything one call of ``run()`` shares between its workers."""
-
-    settings: Settings
-    prompt: ChatPrompt
-    extractor: ExtractFunction | None
-    extractor_name: str
-    caller: Caller
-    source: ItemSource
-    prechecked: bool
-    files: RunFiles
-    results_sink: JsonlSink
-    failures_sink: JsonlSink
-    display: Display
-    collect: bool
-    constraint: dict[str, Any] = field(default_factory=dict)
-    results: dict[int, dict[str, Any]] = field(default_factory=dict)
-    succeeded: int = 0
-    failed: int = 0
-    failed_by_kind: Counter[str] = field(default_factory=Counter)
-    latency_total: float = 0.0
-    stopping: bool = False
 
 
 class DataGenerationPipeline:
@@ -178,17 +152,23 @@ class DataGenerationPipeline:
         parse_response: ExtractFunction | None = None,
         progress: bool | None = None,
         collect: bool = True,
+        resume: bool | str | None = None,
     ) -> list[dict[str, Any]]:
         """Generate one record per pool item; return the successful records in input order.
 
         Every record is appended to the results file as soon as its item finishes; items
         that fail (after retries, or in extraction) go to the failures file with the
-        reason. With ``collect=False`` nothing is kept in memory and ``[]`` is returned.
+        reason. ``resume=True`` (or ``run.resume`` in config) continues the newest run of
+        this experiment, skipping items already in its results. With ``collect=False``
+        nothing is kept in memory and ``[]`` is returned.
         """
         extractor = self._pick_extractor(extract_function, parse_response)
         concurrency = concurrency_limit or self.settings.run.concurrency_limit
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency_limit must be a whole number >= 1, got {concurrency!r}")
+        resume = self.settings.run.resume if resume is None else resume
+        if resume not in (True, False, "force"):
+            raise ConfigError(f"resume must be True, False or 'force', got {resume!r}")
         if self._prompt is None:
             self._prompt = self._load_prompt()
         prompt = self._prompt
@@ -197,32 +177,81 @@ class DataGenerationPipeline:
             self._precheck(pool, prompt)
         self._check_provider()
 
-        out = self.settings.output_data
-        files = RunFiles.create(out.output_dir, out.experiment_name, out.need_time_stamp)
+        extractor_name = _name_of(extractor)
+        current = fingerprint(
+            model=self.settings.model.model_string(), sampling=self.settings.sampling_params(),
+            templates={"user": prompt.user.source,
+                       "system": prompt.system.source if prompt.system else None},
+            extractor=extractor_name)
+        files, done_keys = self._open_run_files(resume, current)
         self.last_run_files = files
-        files.results.touch()
         show = self.settings.run.progress if progress is None else progress
-        state = _RunState(
-            settings=self.settings,
+        run = self.settings.run
+        cache = None
+        if run.cache:
+            cache = ResponseCache(run.cache_path or Path(self.settings.output_data.output_dir)
+                                  / CACHE_FILE)
+        model = self.settings.model
+        constraint = self._constraint(extractor)
+        ctx = RunContext(
             prompt=prompt,
             extractor=extractor,
-            extractor_name=getattr(extractor, "name", None)
-            or getattr(extractor, "__qualname__", None) or ("raw" if extractor is None
-                                                            else type(extractor).__name__),
-            caller=Caller(self._make_transport(), Throttle(self.settings.model.rate_limit),
-                          max_retries=self.settings.model.max_retries),
-            source=ItemSource(pool),
-            prechecked=pool.reiterable,
+            caller=Caller(self._make_transport(),
+                          Throttle(model.rate_limit, requests_per_minute=model.requests_per_minute,
+                                   tokens_per_minute=model.tokens_per_minute,
+                                   concurrency=concurrency),
+                          max_retries=model.max_retries, cache=cache),
+            build_request=lambda messages: self._request(messages, constraint),
             files=files,
-            results_sink=JsonlSink(files.results),
-            failures_sink=JsonlSink(files.failures),
+            results_sink=JsonlSink(files.results, self.settings.output_data.fsync_interval),
+            failures_sink=JsonlSink(files.failures, self.settings.output_data.fsync_interval),
             display=make_display(show, self.settings.output_data.experiment_name),
+            prechecked=pool.reiterable,
             collect=collect,
-            constraint=self._constraint(extractor),
+            done_keys=done_keys,
+            cache_salt=run.cache_salt,
+            shutdown_timeout=run.shutdown_timeout,
+            fatal_message=self._fatal_message,
+            manifest_base={"datagen_version": _version(), "model": model.model_string(),
+                           "extractor": extractor_name, "fingerprint": current,
+                           "resumed": bool(done_keys), "config": self.settings.public_dict()},
         )
-        with RunLog(files.log):
-            await self._execute(state, pool, concurrency)
-        return [state.results[i] for i in sorted(state.results)]
+        engine = Engine(ctx, ItemSource(pool))
+        try:
+            with RunLog(files.log):
+                log.info("run started: model %s, %s items, concurrency %d, output %s%s",
+                         model.model_string(),
+                         pool.total if pool.total is not None else "unknown", concurrency,
+                         files.results,
+                         f" (resuming: {len(done_keys)} done)" if done_keys else "")
+                await engine.run(concurrency, pool.total)
+        finally:
+            if cache is not None:
+                cache.close()
+        counts = engine.counts
+        if counts.succeeded + counts.failed + counts.skipped == 0:
+            message = "the data pool is empty: nothing was generated"
+            log.warning(message)
+            warnings.warn(message, stacklevel=2)
+        return [engine.results[i] for i in sorted(engine.results)]
+
+    def _open_run_files(self, resume: bool | str, current: dict[str, Any]
+                        ) -> tuple[RunFiles, set[str]]:
+        out = self.settings.output_data
+        if resume:
+            files = RunFiles.latest(out.output_dir, out.experiment_name, out.need_time_stamp)
+            if files is not None:
+                check_resume(read_manifest(files.manifest), current, files.results,
+                             force=resume == "force")
+                repair_torn_tail(files.results)
+                repair_torn_tail(files.failures)
+                index = read_index(files.results)
+                return files, index.keys
+            log.info("nothing to resume for %s in %s: starting a new run",
+                     out.experiment_name, out.output_dir)
+        files = RunFiles.create(out.output_dir, out.experiment_name, out.need_time_stamp)
+        files.results.touch()
+        return files, set()
 
     def _pick_extractor(self, extract_function: ExtractFunction | None,
                         parse_response: ExtractFunction | None) -> ExtractFunction | None:
@@ -242,160 +271,6 @@ class DataGenerationPipeline:
             item = to_item(index, raw)
             prompt.check(item.user_kwargs, item.system_kwargs, f"item {index}")
 
-    async def _execute(self, state: _RunState, pool: Pool, concurrency: int) -> None:
-        started_at, t0 = iso_now(), time.monotonic()
-        status, error = "running", None
-        log.info("run started: model %s, %s items, concurrency %d, output %s",
-                 self.settings.model.model_string(),
-                 pool.total if pool.total is not None else "unknown", concurrency,
-                 state.files.results)
-        self._write_manifest(state, status, started_at, t0, None)
-        state.display.start(pool.total)
-        try:
-            await self._work(state, concurrency)
-            status = "completed"
-        except DatagenError as exc:
-            status, error = "failed", {"kind": getattr(exc, "kind", type(exc).__name__),
-                                       "message": redact.redact(str(exc))}
-            log.error("run stopped: %s", exc)
-            raise
-        except BaseException as exc:  # Ctrl+C, cancellation, or a bug: files stay valid
-            status = "interrupted"
-            error = {"kind": type(exc).__name__, "message": redact.redact(str(exc))}
-            raise
-        finally:
-            state.results_sink.close()
-            state.failures_sink.close()
-            state.display.close(state.succeeded, state.failed)
-            self._write_manifest(state, status, started_at, t0, error)
-            self._log_summary(state, status)
-        if state.succeeded == 0 and state.failed == 0:
-            message = "the data pool is empty: nothing was generated"
-            log.warning(message)
-            warnings.warn(message, stacklevel=3)
-
-    async def _work(self, state: _RunState, concurrency: int) -> None:
-        workers = [asyncio.ensure_future(self._worker(state)) for _ in range(concurrency)]
-        try:
-            pending: set[asyncio.Future[None]] = set(workers)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-                failures = [t.exception() for t in done if t.exception() is not None]
-                if not failures:
-                    continue
-                fault = failures[0]
-                state.stopping = True
-                if isinstance(fault, RunAbortedError):
-                    for task in pending:  # no retry can help: stop paying now
-                        task.cancel()
-                # Otherwise (a bad item or template) the others finish what they hold.
-                await asyncio.gather(*pending, return_exceptions=True)
-                assert fault is not None
-                raise fault
-        finally:
-            for task in workers:
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-
-    async def _worker(self, state: _RunState) -> None:
-        while not state.stopping:
-            nxt = await state.source.next()
-            if nxt is None:
-                return
-            index, raw = nxt
-            item = to_item(index, raw)
-            if not state.prechecked:
-                state.prompt.check(item.user_kwargs, item.system_kwargs, f"item {index}")
-            await self._process(state, item)
-
-    async def _process(self, state: _RunState, item: PoolItem) -> None:
-        where = f"item {item.index}"
-        messages = state.prompt.messages(item.user_kwargs, item.system_kwargs, where)
-        try:
-            completion, attempts = await state.caller.call(
-                self._request(messages, state.constraint))
-        except CallError as err:
-            if err.fatal:
-                raise RunAbortedError(self._fatal_message(err), err.kind) from None
-            self._fail(state, item, err.kind, err.message, err.attempts)
-            return
-        try:
-            output: Any = completion.text
-            if state.extractor is not None:
-                output = state.extractor(completion.text)
-                if inspect.isawaitable(output):
-                    output = await output
-        except Exception as exc:  # the user's extractor: whatever it raises fails the item
-            self._fail(state, item, "extraction", f"{type(exc).__name__}: {exc}", attempts,
-                       completion)
-            return
-        record = self._record(item, output, completion, attempts)
-        try:
-            line = dumps_line(record)
-        except TypeError as exc:
-            self._fail(
-                state, item, "serialization",
-                f"the extractor returned a {type(output).__name__} that cannot be written as "
-                f"JSON ({exc}); return dicts, lists, strings, numbers or a pydantic model",
-                attempts, completion)
-            return
-        state.results_sink.write_line(line)
-        state.succeeded += 1
-        state.latency_total += completion.latency_s
-        if state.collect:
-            state.results[item.index] = record
-        state.display.update(state.succeeded, state.failed)
-
-    @staticmethod
-    def _record(item: PoolItem, output: Any, completion: Completion, attempts: int
-                ) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "index": item.index,
-            "key": item.key,
-            "user_prompt_kwargs": item.user_kwargs,
-            "system_prompt_kwargs": item.system_kwargs,
-            "output": output,
-            "raw_response": completion.text,
-            "model": completion.model,
-            "finish_reason": completion.finish_reason,
-            "usage": completion.usage.as_dict(),
-            "latency_s": round(completion.latency_s, 4),
-            "attempts": attempts,
-        }
-        if item.meta:
-            record["meta"] = item.meta
-        return record
-
-    def _fail(self, state: _RunState, item: PoolItem, kind: str, message: str, attempts: int,
-              completion: Completion | None = None) -> None:
-        message = redact.redact(message)
-        record: dict[str, Any] = {
-            "index": item.index,
-            "key": item.key,
-            "user_prompt_kwargs": item.user_kwargs,
-            "system_prompt_kwargs": item.system_kwargs,
-            "error": {"kind": kind, "message": message, "attempts": attempts},
-        }
-        if completion is not None:
-            record["raw_response"] = completion.text
-            record["finish_reason"] = completion.finish_reason
-        if item.meta:
-            record["meta"] = item.meta
-        try:
-            line = dumps_line(record)
-        except TypeError:  # an unserialisable item value: keep what can be kept
-            record = {"index": item.index, "key": item.key, "error": record["error"],
-                      "user_prompt_kwargs": repr(item.user_kwargs),
-                      "system_prompt_kwargs": repr(item.system_kwargs)}
-            line = dumps_line(record)
-        state.failures_sink.write_line(line)
-        state.failed += 1
-        state.failed_by_kind[kind] += 1
-        log.warning("item %d failed (%s) after %d attempt(s): %s", item.index, kind, attempts,
-                    message[:300])
-        state.display.update(state.succeeded, state.failed)
-
     def _fatal_message(self, err: CallError) -> str:
         m = self.settings.model
         if err.kind == "auth":
@@ -410,61 +285,12 @@ class DataGenerationPipeline:
             "model.base_url."
         )
 
-    # ---- bookkeeping -----------------------------------------------------------------
 
-    def _write_manifest(self, state: _RunState, status: str, started_at: str, t0: float,
-                        error: dict[str, str] | None) -> None:
-        stats: CallStats = state.caller.stats
-        elapsed = time.monotonic() - t0
-        finished = state.succeeded + state.failed
-        manifest = {
-            "datagen_version": _version(),
-            "status": status,
-            "error": error,
-            "started_at": started_at,
-            "updated_at": iso_now(),
-            "files": {name: str(getattr(state.files, name))
-                      for name in ("results", "failures", "manifest", "log")},
-            "model": self.settings.model.model_string(),
-            "extractor": state.extractor_name,
-            "config": self.settings.public_dict(),
-            "counts": {
-                "finished": finished,
-                "succeeded": state.succeeded,
-                "failed": state.failed,
-                "failed_by_kind": dict(state.failed_by_kind),
-            },
-            "calls": {
-                "requests": stats.requests,
-                "retries": stats.retries,
-                "rate_limited": stats.rate_limited,
-                "errors_by_kind": dict(stats.errors_by_kind),
-            },
-            "tokens": {
-                "prompt": stats.prompt_tokens,
-                "completion": stats.completion_tokens,
-                "total": stats.prompt_tokens + stats.completion_tokens,
-            },
-            "timings": {
-                "duration_s": round(elapsed, 3),
-                "items_per_s": round(finished / elapsed, 3) if elapsed > 0 else None,
-                "mean_latency_s": round(state.latency_total / state.succeeded, 4)
-                if state.succeeded else None,
-            },
-        }
-        write_manifest(state.files.manifest, manifest)
-
-    @staticmethod
-    def _log_summary(state: _RunState, status: str) -> None:
-        stats = state.caller.stats
-        by_kind = ", ".join(f"{k}: {v}" for k, v in sorted(state.failed_by_kind.items()))
-        log.info(
-            "run %s: %d succeeded, %d failed%s; %d requests, %d retries, %d rate-limited; "
-            "%d prompt + %d completion tokens",
-            status, state.succeeded, state.failed, f" ({by_kind})" if by_kind else "",
-            stats.requests, stats.retries, stats.rate_limited, stats.prompt_tokens,
-            stats.completion_tokens,
-        )
+def _name_of(extractor: ExtractFunction | None) -> str:
+    if extractor is None:
+        return "raw"
+    name = getattr(extractor, "name", None) or getattr(extractor, "__qualname__", None)
+    return str(name or type(extractor).__name__)
 
 
 __all__ = ["DataGenerationPipeline"]

@@ -19,7 +19,8 @@ from collections.abc import (
     Sequence,
     Sized,
 )  # fmt: skip
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,23 @@ class PoolItem:
     user_kwargs: Mapping[str, Any]
     system_kwargs: Mapping[str, Any]
     meta: Mapping[str, Any]
+    occurrence: int = 0  # how many identical items came before this one in the pool
 
-    @property
-    def key(self) -> str:
-        """A stable content hash of the item (not its position): resume and cache identity."""
+    @cached_property
+    def content_key(self) -> str:
+        """A stable hash of the item's content (not its position)."""
         payload = orjson.dumps(
             {"u": self.user_kwargs, "s": self.system_kwargs, "m": self.meta},
             option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
             default=repr,
         )
         return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+    @property
+    def key(self) -> str:
+        """Resume and cache identity: the content hash, plus ``-n`` for the n-th repeat of
+        an identical item (so ``[item] * 10`` is ten items, not one)."""
+        return self.content_key if self.occurrence == 0 else f"{self.content_key}-{self.occurrence}"
 
 
 def to_item(index: int, raw: Any) -> PoolItem:
@@ -142,7 +150,7 @@ def open_pool(data_pool: Any) -> Pool:
 
 
 class ItemSource:
-    """Hands out (index, raw item) pairs to the workers, one at a time.
+    """Hands out checked, keyed items to the workers, one at a time, in pool order.
 
     Workers share one source; for an async iterable a lock keeps two workers from
     advancing it at once (an async generator cannot be re-entered).
@@ -158,8 +166,19 @@ class ItemSource:
         self._index = 0
         self._lock: Any = None
         self.exhausted = False
+        self._seen: dict[str, int] = {}  # content key -> occurrences so far
 
-    async def next(self) -> tuple[int, Any] | None:
+    async def next(self) -> PoolItem | None:
+        """The next item (shape checked, key assigned), or None when the pool is done."""
+        pair = await self._next_raw()
+        if pair is None:
+            return None
+        item = to_item(*pair)
+        count = self._seen.get(item.content_key, 0)
+        self._seen[item.content_key] = count + 1
+        return replace(item, occurrence=count) if count else item
+
+    async def _next_raw(self) -> tuple[int, Any] | None:
         if self.exhausted:
             return None
         if self._sync is not None:

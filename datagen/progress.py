@@ -18,7 +18,7 @@ class Display(Protocol):
 
     def update(self, done: int, failed: int) -> None: ...
 
-    def close(self, done: int, failed: int) -> None: ...
+    def close(self, done: int, failed: int, summary: str = "") -> None: ...
 
 
 class NoDisplay:
@@ -28,7 +28,7 @@ class NoDisplay:
     def update(self, done: int, failed: int) -> None:
         return None
 
-    def close(self, done: int, failed: int) -> None:
+    def close(self, done: int, failed: int, summary: str = "") -> None:
         return None
 
 
@@ -64,9 +64,11 @@ class PlainDisplay:
             self.last = now
             self.stream.write(self._line(done, failed) + "\n")
 
-    def close(self, done: int, failed: int) -> None:
+    def close(self, done: int, failed: int, summary: str = "") -> None:
         took = time.monotonic() - self.started
         self.stream.write(self._line(done, failed) + f" in {took:.1f}s\n")
+        if summary:
+            self.stream.write(f"datagen {self.label}: {summary}\n")
         self.stream.flush()
 
 
@@ -108,9 +110,11 @@ class RichDisplay:
         self.progress.update(self.task, completed=done + failed, failed=failed,
                              rate=_rate(done + failed, self.started))
 
-    def close(self, done: int, failed: int) -> None:
+    def close(self, done: int, failed: int, summary: str = "") -> None:
         self.update(done, failed)
         self.progress.stop()
+        if summary:
+            self.progress.console.print(f"[bold]{self.label}[/bold]: {summary}")
 
 
 def make_display(enabled: bool, label: str) -> Display:

@@ -14,7 +14,9 @@ line and flushed, so a crash can cut at most the line being written, never inter
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +26,7 @@ import orjson
 
 from datagen.errors import OutputError
 
+log = logging.getLogger("datagen.store")
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
@@ -93,6 +96,24 @@ class RunFiles:
         return files
 
     @classmethod
+    def latest(cls, output_dir: str | Path, experiment_name: str, time_stamp: bool
+               ) -> RunFiles | None:
+        """The newest existing run of this experiment, or None."""
+        directory = Path(output_dir).expanduser()
+        if not time_stamp:
+            files = cls.for_stem(directory, experiment_name)
+            return files if files.results.exists() else None
+        pattern = re.compile(rf"^{re.escape(experiment_name)}_(\d{{8}}_\d{{6}})(?:_(\d+))?\.jsonl$")
+        runs = []
+        for path in directory.glob(f"{glob_escape(experiment_name)}_*.jsonl"):
+            match = pattern.match(path.name)
+            if match:
+                runs.append(((match.group(1), int(match.group(2) or 1)), path.stem))
+        if not runs:
+            return None
+        return cls.for_stem(directory, max(runs)[1])
+
+    @classmethod
     def for_stem(cls, directory: Path, stem: str) -> RunFiles:
         return cls(
             results=directory / f"{stem}.jsonl",
@@ -102,12 +123,89 @@ class RunFiles:
         )
 
 
-class JsonlSink:
-    """Appends complete lines to a JSONL file; opened on the first line."""
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
 
-    def __init__(self, path: Path) -> None:
+
+def repair_torn_tail(path: Path) -> int:
+    """Cut a trailing partial line (a crash mid-write); returns the bytes removed.
+
+    Every record is written as one ``write`` of a whole line, so only the last line of a
+    file can be incomplete, and an incomplete line has no newline.
+    """
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as fh:
+        # read back from the end until a newline is found
+        block, end = 65536, size
+        while end > 0:
+            start = max(0, end - block)
+            fh.seek(start)
+            chunk = fh.read(end - start)
+            if end == size and chunk.endswith(b"\n"):
+                return 0
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        else:
+            keep = 0
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.warning("%s: removed a torn last line (%d bytes) left by an interrupted write",
+                path, size - keep)
+    return size - keep
+
+
+@dataclasses.dataclass
+class ResultsIndex:
+    """What a results file already holds: the keys done, and lines that do not parse."""
+
+    keys: set[str]
+    lines: int
+    unparseable: int
+
+
+def read_index(path: Path) -> ResultsIndex:
+    keys: set[str] = set()
+    lines = bad = 0
+    if not path.exists():
+        return ResultsIndex(keys, 0, 0)
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                key = orjson.loads(line).get("key")
+            except (orjson.JSONDecodeError, AttributeError):
+                bad += 1
+                continue
+            if isinstance(key, str):
+                keys.add(key)
+    if bad:
+        log.warning("%s: %d line(s) are not valid JSON records and were ignored", path, bad)
+    return ResultsIndex(keys, lines, bad)
+
+
+class JsonlSink:
+    """Appends complete lines to a JSONL file; opened on the first line.
+
+    Each line goes out in one ``write`` and is flushed to the OS at once; ``fsync`` (to
+    the disk) runs at most every ``fsync_interval`` seconds (0: after every line) and at
+    close, so a power cut loses at most that much, a killed process nothing.
+    """
+
+    def __init__(self, path: Path, fsync_interval: float = 1.0) -> None:
         self.path = path
+        self.fsync_interval = fsync_interval
         self._fh: IO[bytes] | None = None
+        self._last_sync = time.monotonic()
         self.lines = 0
 
     def write_line(self, line: bytes) -> None:
@@ -119,6 +217,10 @@ class JsonlSink:
         self._fh.write(line)
         self._fh.flush()
         self.lines += 1
+        now = time.monotonic()
+        if now - self._last_sync >= self.fsync_interval:
+            os.fsync(self._fh.fileno())
+            self._last_sync = now
 
     def close(self) -> None:
         if self._fh is not None:
@@ -138,6 +240,3 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 def iso_now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
-
-def monotonic() -> float:
-    return time.monotonic()

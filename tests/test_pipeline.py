@@ -340,10 +340,10 @@ async def test_api_key_never_written(project: Path) -> None:
         results = await p.run(make_pool(5), extract_function=extract.tag("draft"))
         assert len(results) == 5
         assert server.headers[0]["Authorization"] == f"Bearer {SECRET}"
-    written = [f for f in (project.parent / "output").iterdir()]
-    assert len(written) >= 3
+    written = [f for f in (project.parent / "output").rglob("*") if f.is_file()]
+    assert {f.suffix for f in written} >= {".jsonl", ".json", ".log", ".sqlite"}
     for f in written:
-        assert SECRET not in f.read_text(), f
+        assert SECRET.encode() not in f.read_bytes(), f
 
 
 async def test_rate_limit_holds_in_every_second_at_the_server(project: Path,
@@ -361,14 +361,16 @@ async def test_manifest_and_log(project: Path, server: FakeOpenAIServer) -> None
     manifest = json.loads(p.last_run_files.manifest.read_text())
     assert manifest["status"] == "completed"
     assert manifest["counts"] == {"finished": 4, "succeeded": 4, "failed": 0,
-                                  "failed_by_kind": {}}
+                                  "failed_by_kind": {}, "skipped_done": 0,
+                                  "results_in_file": 4}
+    assert manifest["calls"]["cache_misses"] == 4 and manifest["calls"]["cache_hits"] == 0
     assert manifest["calls"]["requests"] == 4
     assert manifest["tokens"]["total"] == sum(
         r["usage"]["total_tokens"] for r in read_jsonl(p.last_run_files.results))
     assert manifest["extractor"] == "tag(draft)"
     assert manifest["config"]["model"]["api_key"] == "<redacted>"
     log = p.last_run_files.log.read_text()
-    assert "run completed: 4 succeeded, 0 failed" in log
+    assert "run completed: 4 succeeded, 0 failed; 4 requests, 0 retries" in log
     assert "sk-manifest-secret-99" not in log
 
 

@@ -62,9 +62,9 @@ def base_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def cassette(request: pytest.FixtureRequest) -> Iterator[Any]:
-    with make_vcr(CASSETTES).use_cassette(f"{request.node.name}.yaml") as cas:
-        yield cas
+def cassette(datagen_cassette: Any) -> Any:
+    """The kit's own fixture (datagen.testing.plugin): tests/cassettes/<test name>.yaml."""
+    return datagen_cassette
 
 
 def overrides(base_url: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
@@ -129,15 +129,13 @@ async def test_concurrent_requests_replay_their_own_answers(base_url: str, casse
         assert record["raw_response"] == answers[prompt]
 
 
-async def test_a_request_missing_from_the_cassette_fails_fast(cassette: Any,
-                                                              tmp_path: Path) -> None:
-    if recording_requested():
-        pytest.skip("only meaningful in replay")
+async def test_a_request_missing_from_the_cassette_fails_fast(tmp_path: Path) -> None:
     example = load_example("five_topics")
     pipeline = example.build(**overrides(UNREACHABLE, tmp_path))
     pool = [{"user_prompt_kwargs": {"topic": "never recorded", "word_count": "1 word"},
              "system_prompt_kwargs": {"tone": "plain"}}]
-    assert await pipeline.run(pool) == []
+    with make_vcr(CASSETTES, record=False).use_cassette("test_five_topics_example.yaml"):
+        assert await pipeline.run(pool) == []
     failure = orjson.loads(pipeline.last_run_files.failures.read_bytes())
     assert failure["error"]["attempts"] == 1
 

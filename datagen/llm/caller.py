@@ -7,11 +7,14 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from datagen.llm.errors import CallError
 from datagen.llm.throttle import Throttle
 from datagen.llm.types import ChatRequest, Completion
+
+if TYPE_CHECKING:
+    from datagen.cache import ResponseCache
 
 log = logging.getLogger("datagen.llm")
 BACKOFF_BASE_S = 0.5
@@ -36,6 +39,15 @@ class CallStats:
     errors_by_kind: Counter[str] = field(default_factory=Counter)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+def estimate_tokens(request: ChatRequest) -> int:
+    """Tokens a request may use, before it is sent: prompt characters / 4 + the budget."""
+    prompt = sum(len(str(m.get("content", ""))) for m in request.messages) // 4
+    budget = request.params.get("max_tokens") or request.params.get("max_completion_tokens")
+    return prompt + 4 * len(request.messages) + int(budget or 256)
 
 
 def backoff_delay(attempt: int) -> float:
@@ -50,23 +62,34 @@ class Caller:
     throttle: Throttle
     max_retries: int = 3
     stats: CallStats = field(default_factory=CallStats)
+    cache: ResponseCache | None = None
 
-    async def call(self, request: ChatRequest) -> tuple[Completion, int]:
-        """Send ``request``; returns the completion and the number of attempts made.
+    async def call(self, request: ChatRequest, cache_key: str | None = None
+                   ) -> tuple[Completion, int]:
+        """Send ``request``; returns the completion and the number of attempts made
+        (0: answered from the cache, nothing sent).
 
         Raises the last :class:`CallError` when it cannot be retried or retries ran out.
         """
+        if self.cache is not None and cache_key is not None:
+            hit = self.cache.get(cache_key)
+            if hit is not None:
+                self.stats.cache_hits += 1
+                return hit, 0
+            self.stats.cache_misses += 1
+        estimate = estimate_tokens(request)
         attempt = 0
         while True:
             attempt += 1
-            await self.throttle.wait_turn()
-            self.stats.requests += 1
             try:
-                completion = await self.transport.complete(request)
+                async with self.throttle.slot(estimate):
+                    self.stats.requests += 1
+                    completion = await self.transport.complete(request)
             except CallError as err:
                 self.stats.errors_by_kind[err.kind] += 1
                 if err.kind == "rate_limit":
                     self.stats.rate_limited += 1
+                    self.throttle.rate_limited()
                 if not err.retryable or attempt > self.max_retries:
                     err.attempts = attempt
                     raise
@@ -76,6 +99,11 @@ class Caller:
                          delay, err.kind, err.message[:200])
                 await asyncio.sleep(delay)
                 continue
+            self.throttle.used_tokens(estimate, completion.usage.total_tokens or estimate)
+            if self.throttle.concurrency is not None:
+                self.throttle.concurrency.succeeded()
+            if self.cache is not None and cache_key is not None:
+                self.cache.put(cache_key, completion)  # before parsing: never paid twice
             self.stats.prompt_tokens += completion.usage.prompt_tokens
             self.stats.completion_tokens += completion.usage.completion_tokens
             return completion, attempt

@@ -1,40 +1,155 @@
-"""Pacing of requests: a smooth requests-per-second cap and a shared pause for 429s.
+"""Pacing of requests: concurrency, requests per second/minute, tokens per minute, and the
+shared pause a 429's Retry-After imposes.
 
-aiolimiter is the leaky bucket; we give it a bucket of one request that drains every
-1 / (rate x margin) seconds. ``AsyncLimiter(rate, 1)`` would let a full bucket through at
-once and burst again whenever the client falls behind (measured: 155-204 requests in one
-second against a cap of 100); a one-request bucket spaces requests evenly, so no
-1-second window at the server sees more than the cap even with ~30 ms of network jitter.
+Every attempt goes through :meth:`Throttle.slot`, in this order:
+
+1. wait while a Retry-After pause is in force (it holds every worker, not just one);
+2. take a concurrency slot: adaptive, AIMD as in NVIDIA Data Designer: a 429 halves the
+   limit, each run of ``limit`` successes adds one back, up to the configured maximum;
+3. wait for the request rate: aiolimiter with a bucket of ONE request draining every
+   1 / (rate x margin) seconds. ``AsyncLimiter(rate, 1)`` would let a whole bucket through
+   at once and burst again whenever the client falls behind (measured: 155-204 requests in
+   one second against a cap of 100); a one-request bucket spaces requests evenly, so no
+   1-second window at the server sees more than the cap, with ~30 ms of jitter to spare;
+4. wait for the token budget: an estimate (prompt characters / 4 + max_tokens) is taken
+   before the call and corrected from the response's usage after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from aiolimiter import AsyncLimiter
 
 RATE_MARGIN = 0.97
 
 
-class Throttle:
-    """Every request waits its turn here before it is sent."""
+class TokenBucket:
+    """A token bucket that can be charged or refunded after the fact.
 
-    def __init__(self, requests_per_second: float | None = None) -> None:
-        self.rate = requests_per_second
-        self._limiter = (
-            AsyncLimiter(1, 1.0 / (requests_per_second * RATE_MARGIN))
-            if requests_per_second
-            else None
-        )
+    Written by hand because aiolimiter cannot give back budget: the token estimate made
+    before a call is corrected with the real usage after it. Waiters are served in order.
+    """
+
+    def __init__(self, per_second: float, capacity: float) -> None:
+        self.rate = per_second
+        self.capacity = capacity
+        self.level = capacity
+        self._stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def take(self, amount: float) -> None:
+        amount = min(amount, self.capacity)
+        async with self._lock:
+            self._refill()
+            while self.level < amount:
+                await asyncio.sleep((amount - self.level) / self.rate)
+                self._refill()
+            self.level -= amount
+
+    def adjust(self, delta: float) -> None:
+        """Give back (``delta`` > 0) or charge more (< 0) after the real usage is known."""
+        self._refill()
+        self.level = min(self.capacity, self.level + delta)
+
+
+class AdaptiveConcurrency:
+    """At most ``limit`` requests in flight; the limit shrinks on 429 and grows back."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.limit = maximum
+        self.in_flight = 0
+        self._successes = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+
+    async def release(self) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            self._changed.notify_all()
+
+    def rate_limited(self) -> None:
+        self.limit = max(1, self.limit // 2)
+        self._successes = 0
+
+    def succeeded(self) -> None:
+        if self.limit >= self.maximum:
+            return
+        self._successes += 1
+        if self._successes >= self.limit:
+            self.limit += 1
+            self._successes = 0
+
+
+def _per_second(requests_per_second: float | None, requests_per_minute: float | None
+                ) -> float | None:
+    rates = [r for r in (requests_per_second,
+                         requests_per_minute / 60 if requests_per_minute else None) if r]
+    return min(rates) if rates else None
+
+
+class Throttle:
+    """Every attempt waits its turn here before it is sent."""
+
+    def __init__(self, requests_per_second: float | None = None, *,
+                 requests_per_minute: float | None = None,
+                 tokens_per_minute: float | None = None, concurrency: int | None = None
+                 ) -> None:
+        self.rate = _per_second(requests_per_second, requests_per_minute)
+        self._limiter = AsyncLimiter(1, 1.0 / (self.rate * RATE_MARGIN)) if self.rate else None
+        self._tokens = (TokenBucket(tokens_per_minute / 60 * RATE_MARGIN,
+                                    capacity=tokens_per_minute / 60)
+                        if tokens_per_minute else None)
+        self.concurrency = AdaptiveConcurrency(concurrency) if concurrency else None
         self._paused_until = 0.0  # time.monotonic() deadline shared by all workers
 
     def pause(self, seconds: float) -> None:
         """Hold every worker for ``seconds`` (a provider's Retry-After)."""
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
-    async def wait_turn(self) -> None:
+    def rate_limited(self) -> None:
+        if self.concurrency is not None:
+            self.concurrency.rate_limited()
+
+    async def _wait_pause(self) -> None:
         while (remaining := self._paused_until - time.monotonic()) > 0:
             await asyncio.sleep(remaining)
+
+    async def wait_turn(self, tokens: int = 0) -> None:
+        """Wait for the pause, the request rate and the token budget (no slot taken)."""
+        await self._wait_pause()
         if self._limiter is not None:
             await self._limiter.acquire()
+        if self._tokens is not None and tokens:
+            # a request larger than a second's budget is let through when the bucket is
+            # full; it then holds the next ones back until the budget has caught up
+            await self._tokens.take(tokens)
+
+    def used_tokens(self, estimated: int, actual: int) -> None:
+        if self._tokens is not None:
+            self._tokens.adjust(estimated - actual)
+
+    @asynccontextmanager
+    async def slot(self, tokens: int = 0) -> AsyncIterator[None]:
+        """Hold a concurrency slot for one attempt, after waiting for the limits."""
+        if self.concurrency is not None:
+            await self.concurrency.acquire()
+        try:
+            await self.wait_turn(tokens)
+            yield
+        finally:
+            if self.concurrency is not None:
+                await self.concurrency.release()
