@@ -211,7 +211,10 @@ class Engine:
                 if inspect.isawaitable(output):
                     output = await output
         except Exception as exc:  # the user's extractor: whatever it raises fails the item
-            self._fail(item, "extraction", f"{type(exc).__name__}: {exc}", attempts, completion)
+            reason = f"{type(exc).__name__}: {exc}"
+            if completion.finish_reason == "length":
+                reason += " (the response was cut off at max_tokens: raise max_tokens)"
+            self._fail(item, "extraction", reason, attempts, completion)
             return
         record = make_record(item, output, completion, attempts)
         try:

@@ -6,7 +6,9 @@ the ``datagen_cassette`` and ``fake_llm`` fixtures to any project that installs 
 """
 
 from datagen.testing.fake_model import FakeLLM, fake_llm
-from datagen.testing.fake_server import FakeOpenAIServer, FakeReply, completion_body, echo_draft
+from datagen.testing.fake_server import (
+    FakeOpenAIServer, FakeReply, FaultPlan, completion_body, echo_draft,
+)  # fmt: skip
 
-__all__ = ["FakeLLM", "FakeOpenAIServer", "FakeReply", "completion_body", "echo_draft",
-           "fake_llm"]
+__all__ = ["FakeLLM", "FakeOpenAIServer", "FakeReply", "FaultPlan", "completion_body",
+           "echo_draft", "fake_llm"]

@@ -40,6 +40,63 @@ class FakeReply:
 Responder = Callable[[dict[str, Any]], "str | FakeReply"]
 
 
+@dataclass
+class FaultPlan:
+    """Faults injected before the responder is asked, each with its probability.
+
+    ``retry_after``: the Retry-After header sent with a 429 (None: no header). A hang
+    sleeps ``hang_seconds`` before answering, longer than any sane client timeout. The
+    draw is seeded, so a plan replays the same faults for the same order of requests.
+    """
+
+    rate_429: float = 0.0
+    retry_after: str | None = "1"
+    rate_500: float = 0.0
+    rate_hang: float = 0.0
+    hang_seconds: float = 30.0
+    rate_malformed: float = 0.0
+    rate_empty: float = 0.0
+    rate_length: float = 0.0
+    seed: int = 0
+    injected: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        import random
+
+        self._rng = random.Random(self.seed)
+        self._lock = threading.Lock()
+
+    def draw(self, body: dict[str, Any], text: Callable[[], str]) -> FakeReply | None:
+        with self._lock:
+            roll = self._rng.random()
+        for kind, rate in (("429", self.rate_429), ("500", self.rate_500),
+                           ("hang", self.rate_hang), ("malformed", self.rate_malformed),
+                           ("empty", self.rate_empty), ("length", self.rate_length)):
+            if roll < rate:
+                with self._lock:
+                    self.injected[kind] += 1
+                return self._reply(kind, body, text)
+            roll -= rate
+        return None
+
+    def _reply(self, kind: str, body: dict[str, Any], text: Callable[[], str]) -> FakeReply:
+        if kind == "429":
+            headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
+            return FakeReply(status=429, headers=headers)
+        if kind == "500":
+            return FakeReply(status=500)
+        if kind == "hang":
+            return FakeReply(body=completion_body(body, text()), delay=self.hang_seconds)
+        if kind == "malformed":
+            return FakeReply(body=b'{"id": "chatcmpl-fake", "choices": [{"mess')
+        if kind == "empty":
+            reply = completion_body(body, "")
+            reply["choices"] = []
+            return FakeReply(body=reply)
+        full = text()
+        return FakeReply(body=completion_body(body, full[: max(1, len(full) // 2)], "length"))
+
+
 def last_user_message(body: dict[str, Any]) -> str:
     for message in reversed(body.get("messages") or []):
         if message.get("role") == "user":
@@ -85,7 +142,8 @@ class FakeOpenAIServer:
     """See the module docstring. ``port=0`` picks a free port."""
 
     def __init__(self, responder: Responder | None = None, latency: float = 0.0,
-                 host: str = "127.0.0.1", port: int = 0, api_key: str | None = None) -> None:
+                 host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+                 faults: FaultPlan | None = None, jitter: float = 0.0) -> None:
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError("the fake server listens on 127.0.0.1 only")
         self.responder: Responder = responder or echo_draft
@@ -93,6 +151,8 @@ class FakeOpenAIServer:
         self.host = host
         self.port = port
         self.api_key = api_key  # when set, other keys get a 401
+        self.faults = faults
+        self.jitter = jitter  # latency varies uniformly by +- jitter seconds
         self._lock = threading.Lock()
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
@@ -159,12 +219,18 @@ class FakeOpenAIServer:
             if self.api_key is not None and auth != f"Bearer {self.api_key}":
                 return web.json_response(error_body(401, "Incorrect API key provided"),
                                          status=401)
-            reply = self.responder(body)
-            if not isinstance(reply, FakeReply):
-                reply = FakeReply(body=completion_body(body, str(reply)))
-            elif reply.body is None:
+            fault = self.faults.draw(body, lambda: str(self.responder(body))) if (
+                self.faults) else None
+            answer = fault if fault is not None else self.responder(body)
+            reply = answer if isinstance(answer, FakeReply) else FakeReply(
+                body=completion_body(body, str(answer)))
+            if reply.body is None:
                 reply.body = error_body(reply.status, f"fake error {reply.status}")
             delay = self.latency + reply.delay
+            if self.jitter:
+                import random
+
+                delay = max(0.0, delay + random.uniform(-self.jitter, self.jitter))
             if delay > 0:
                 await asyncio.sleep(delay)
             if isinstance(reply.body, (bytes, str)):
@@ -241,8 +307,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per reply")
+    parser.add_argument("--jitter", type=float, default=0.0, help="+- seconds of latency")
+    parser.add_argument("--rate-429", type=float, default=0.0, help="share of 429 replies")
+    parser.add_argument("--rate-500", type=float, default=0.0, help="share of 500 replies")
     args = parser.parse_args(argv)
-    server = FakeOpenAIServer(port=args.port, latency=args.latency).start()
+    faults = FaultPlan(rate_429=args.rate_429, rate_500=args.rate_500) if (
+        args.rate_429 or args.rate_500) else None
+    server = FakeOpenAIServer(port=args.port, latency=args.latency, jitter=args.jitter,
+                              faults=faults).start()
     print(f"fake OpenAI server at {server.base_url} (Ctrl+C to stop)", flush=True)
     try:
         while True:
