@@ -41,7 +41,7 @@ test: local
 	DATAGEN_REQUIRE_LOCAL=1 $(BIN)/python -m pytest
 
 lint: dev
-	$(BIN)/ruff check datagen tests examples
+	$(BIN)/ruff check datagen tests examples benchmarks
 	$(BIN)/mypy datagen
 
 # Re-record tests/cassettes from SmolLM2 served by llama_cpp.server on 127.0.0.1.

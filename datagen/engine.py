@@ -29,7 +29,7 @@ from typing import Any
 
 from datagen import redact
 from datagen.cache import request_key
-from datagen.errors import DatagenError, RunAbortedError
+from datagen.errors import DatagenError, RunAbortedError, a_type
 from datagen.llm.caller import Caller
 from datagen.llm.errors import CallError
 from datagen.llm.types import ChatRequest, Completion
@@ -221,9 +221,9 @@ class Engine:
             line = dumps_line(record)
         except TypeError as exc:
             self._fail(item, "serialization",
-                       f"the extractor returned a {type(output).__name__} that cannot be "
-                       f"written as JSON ({exc}); return dicts, lists, strings, numbers or a "
-                       "pydantic model", attempts, completion)
+                       f"the extractor returned {a_type(output)} that cannot be written as "
+                       f"JSON ({exc}); return dicts, lists, strings, numbers or a pydantic "
+                       "model", attempts, completion)
             return
         ctx.results_sink.write_line(line)
         self.counts.succeeded += 1

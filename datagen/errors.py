@@ -8,6 +8,12 @@ still fails after its retries) never raise: they become a line in the failures f
 from __future__ import annotations
 
 
+def a_type(value: object) -> str:
+    """'a str', 'an int': the type of ``value`` with its article, for messages."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 class DatagenError(Exception):
     """Base class of every error datagen raises on purpose."""
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from datagen.errors import DataPoolError
+from datagen.errors import DataPoolError, a_type
 
 ITEM_SHAPE = '{"user_prompt_kwargs": {...}, "system_prompt_kwargs": {...}}'
 _RESERVED = ("user_prompt_kwargs", "system_prompt_kwargs")
@@ -61,7 +61,7 @@ def to_item(index: int, raw: Any) -> PoolItem:
     """Check one raw pool entry and wrap it; errors name the index and the fix."""
     if not isinstance(raw, Mapping):
         raise DataPoolError(
-            f"data pool item {index} is a {type(raw).__name__}, not a dict. "
+            f"data pool item {index} is {a_type(raw)}, not a dict. "
             f"Each item must look like {ITEM_SHAPE}."
         )
     if "user_prompt_kwargs" not in raw:
@@ -77,7 +77,7 @@ def to_item(index: int, raw: Any) -> PoolItem:
         if not isinstance(value, Mapping):
             raise DataPoolError(
                 f"data pool item {index}: '{name}' must be a dict of template variables, "
-                f"not a {type(value).__name__}"
+                f"not {a_type(value)}"
             )
     meta = {k: v for k, v in raw.items() if k not in _RESERVED}
     return PoolItem(index, user, system, meta)
@@ -145,7 +145,7 @@ def open_pool(data_pool: Any) -> Pool:
         return Pool(data_pool, size, reiterable=False)
     raise DataPoolError(
         f"the data pool must be a list, an iterable of items or the path of a JSONL file, "
-        f"not a {type(data_pool).__name__}"
+        f"not {a_type(data_pool)}"
     )
 
 

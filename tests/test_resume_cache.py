@@ -13,7 +13,7 @@ from conftest import make_pool, topic_draft
 from datagen import DataGenerationPipeline, extract
 from datagen.llm import caller
 from datagen.manifest import ResumeError
-from datagen.testing import FakeOpenAIServer, FakeReply, FaultPlan
+from datagen.testing import FakeOpenAIServer, FakeReply
 
 
 @pytest.fixture(autouse=True)

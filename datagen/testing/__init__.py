@@ -7,7 +7,11 @@ the ``datagen_cassette`` and ``fake_llm`` fixtures to any project that installs 
 
 from datagen.testing.fake_model import FakeLLM, fake_llm
 from datagen.testing.fake_server import (
-    FakeOpenAIServer, FakeReply, FaultPlan, completion_body, echo_draft,
+    FakeOpenAIServer,
+    FakeReply,
+    FaultPlan,
+    completion_body,
+    echo_draft,
 )  # fmt: skip
 
 __all__ = ["FakeLLM", "FakeOpenAIServer", "FakeReply", "FaultPlan", "completion_body",
