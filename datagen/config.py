@@ -45,6 +45,8 @@ class ModelConfig(_Section):
     rate_limit: float | None = Field(default=None, gt=0, description="requests per second")
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
+    # auto: the fast aiohttp path for OpenAI-compatible endpoints, litellm for the rest
+    transport: Literal["auto", "litellm", "openai"] = "auto"
     max_retries: int = Field(default=3, ge=0)
     timeout: float = Field(default=120.0, gt=0, description="seconds per request")
     # Sampling parameters litellm accepts (and maps per provider).
@@ -81,6 +83,9 @@ class ModelConfig(_Section):
         """True for the in-process local model (provider ``local`` and no base_url)."""
         return self.provider == "local" and not self.base_url
 
+    def effective_provider(self) -> str:
+        return "openai" if self.provider == "local" and self.base_url else self.provider
+
     def model_string(self) -> str:
         """The litellm model name: ``provider/model`` unless the model already has it.
 
@@ -88,8 +93,7 @@ class ModelConfig(_Section):
         OpenAI API (llama.cpp, vLLM, Ollama's /v1): it goes to that server.
         """
         model = self.model.removeprefix(f"{self.provider}/")
-        provider = "openai" if self.provider == "local" and self.base_url else self.provider
-        return f"{provider}/{model}"
+        return f"{self.effective_provider()}/{model}"
 
 
 SAMPLING_FIELDS: tuple[str, ...] = (

@@ -81,13 +81,38 @@ class DataGenerationPipeline:
         """An extractor returning the stripped text of the first ``<pattern_name>`` block."""
         return extract_mod.make_default_extractor(pattern_name)
 
-    def _make_transport(self) -> Transport:
+    def transport_name(self) -> str:
+        """'openai' (the fast aiohttp path) or 'litellm', as model.transport resolves."""
+        from datagen.llm.openai_transport import speaks_openai
+
+        m = self.settings.model
+        fits = speaks_openai(m.effective_provider()) and not m.is_embedded()
+        if m.transport == "auto":
+            return "openai" if fits else "litellm"
+        if m.transport == "openai" and not fits:
+            raise ConfigError(
+                f"transport 'openai' needs an OpenAI-compatible endpoint, and provider "
+                f"'{m.provider}' is not one: use transport 'litellm' (or 'auto'), or "
+                "provider 'openai' with model.base_url"
+            )
+        return m.transport
+
+    def _make_transport(self, concurrency: int) -> Transport:
+        m = self.settings.model
+        if self.transport_name() == "openai":
+            from datagen.llm.openai_transport import OpenAITransport
+
+            key = m.api_key.get_secret_value() if m.api_key else None
+            return OpenAITransport(m.effective_provider(), m.base_url, key,
+                                   pool_size=concurrency)
         from datagen.llm.litellm_transport import LiteLLMTransport
 
         return LiteLLMTransport()
 
     def _check_provider(self) -> None:
         provider = self.settings.model.provider
+        if self.transport_name() == "openai":
+            return  # a provider the fast path knows: no need to load litellm to check it
         if self.settings.model.is_embedded():
             from datagen.llm.local import check_available
 
@@ -193,10 +218,11 @@ class DataGenerationPipeline:
                                   / CACHE_FILE)
         model = self.settings.model
         constraint = self._constraint(extractor)
+        transport = self._make_transport(concurrency)
         ctx = RunContext(
             prompt=prompt,
             extractor=extractor,
-            caller=Caller(self._make_transport(),
+            caller=Caller(transport,
                           Throttle(model.rate_limit, requests_per_minute=model.requests_per_minute,
                                    tokens_per_minute=model.tokens_per_minute,
                                    concurrency=concurrency),
@@ -226,6 +252,7 @@ class DataGenerationPipeline:
                          f" (resuming: {len(done_keys)} done)" if done_keys else "")
                 await engine.run(concurrency, pool.total)
         finally:
+            await transport.aclose()
             if cache is not None:
                 cache.close()
         counts = engine.counts

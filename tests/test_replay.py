@@ -148,3 +148,18 @@ def test_no_cassette_holds_a_secret() -> None:
         for header in SECRET_HEADERS:
             assert f"\n      {header}:" not in text, (path, header)
         assert "bearer" not in text and "sk-cassette-test-key" not in text, path
+
+
+@pytest.mark.parametrize("transport", ["openai", "litellm"])
+async def test_the_recorded_cassette_replays_through_either_transport(
+    transport: str, tmp_path: Path
+) -> None:
+    if recording_requested():
+        pytest.skip("replay only")
+    example = load_example("five_topics")
+    pipeline = example.build(**overrides(UNREACHABLE, tmp_path, transport=transport))
+    with make_vcr(CASSETTES, record=False).use_cassette("test_five_topics_example.yaml") as cas:
+        results = await pipeline.run(example.data_pool(), concurrency_limit=5,
+                                     extract_function=pipeline.make_default_extractor("draft"))
+        assert cas.play_count == 5
+    assert [r["user_prompt_kwargs"]["topic"] for r in results] == example.TOPICS
