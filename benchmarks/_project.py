@@ -41,7 +41,11 @@ def make_pool(n: int) -> list[dict[str, Any]]:
 
 
 def write_pool(path: Path, n: int) -> Path:
-    path.write_bytes(b"".join(orjson.dumps(item) + b"\n" for item in make_pool(n)))
+    with open(path, "wb") as fh:
+        for i in range(n):
+            fh.write(orjson.dumps({"user_prompt_kwargs": {"topic": f"topic {i}",
+                                                          "word_count": "10 words"},
+                                   "system_prompt_kwargs": {"tone": "plain"}}) + b"\n")
     return path
 
 

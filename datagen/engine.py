@@ -61,6 +61,7 @@ class RunContext:
     shutdown_timeout: float = 30.0
     fatal_message: Callable[[CallError], str] = str
     manifest_base: dict[str, Any] = field(default_factory=dict)
+    on_record: Callable[[dict[str, Any]], Any] | None = None  # sync or async
 
 
 @dataclass
@@ -196,7 +197,8 @@ class Engine:
         messages = ctx.prompt.messages(item.user_kwargs, item.system_kwargs,
                                        f"item {item.index}")
         request = ctx.build_request(messages)
-        cache_key = request_key(request, f"{ctx.cache_salt}|{item.occurrence}")
+        cache_key = (request_key(request, f"{ctx.cache_salt}|{item.occurrence}")
+                     if ctx.caller.cache is not None else None)
         try:
             completion, attempts = await ctx.caller.call(request, cache_key)
         except CallError as err:
@@ -231,6 +233,10 @@ class Engine:
         if ctx.collect:
             self.results[item.index] = record
         ctx.display.update(self.counts.succeeded, self.counts.failed)
+        if ctx.on_record is not None:
+            returned = ctx.on_record(record)
+            if inspect.isawaitable(returned):
+                await returned
 
     def _fail(self, item: PoolItem, kind: str, message: str, attempts: int,
               completion: Completion | None = None) -> None:

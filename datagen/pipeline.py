@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -151,17 +151,19 @@ class DataGenerationPipeline:
             return {"extra_body": {"grammar": params["grammar"]}}  # llama.cpp server form
         return dict(params)
 
-    def _request(self, messages: list[dict[str, str]],
-                 constraint: dict[str, Any] | None = None) -> ChatRequest:
+    def _request_builder(self, constraint: dict[str, Any] | None = None
+                         ) -> Callable[[list[dict[str, str]]], ChatRequest]:
+        """messages -> ChatRequest, with everything but the messages fixed once per run."""
         m = self.settings.model
-        return ChatRequest(
-            model=m.model_string(),
-            messages=messages,
-            params={**self.settings.sampling_params(), **(constraint or {})},
-            api_key=m.api_key.get_secret_value() if m.api_key else None,
-            base_url=m.base_url,
-            timeout=m.timeout,
-        )
+        model, base_url, timeout = m.model_string(), m.base_url, m.timeout
+        params = {**self.settings.sampling_params(), **(constraint or {})}
+        key = m.api_key.get_secret_value() if m.api_key else None
+
+        def build(messages: list[dict[str, str]]) -> ChatRequest:
+            return ChatRequest(model=model, messages=messages, params=params, api_key=key,
+                               base_url=base_url, timeout=timeout)
+
+        return build
 
     # ---- running ---------------------------------------------------------------------
 
@@ -178,6 +180,7 @@ class DataGenerationPipeline:
         progress: bool | None = None,
         collect: bool = True,
         resume: bool | str | None = None,
+        on_record: Callable[[dict[str, Any]], Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Generate one record per pool item; return the successful records in input order.
 
@@ -185,7 +188,8 @@ class DataGenerationPipeline:
         that fail (after retries, or in extraction) go to the failures file with the
         reason. ``resume=True`` (or ``run.resume`` in config) continues the newest run of
         this experiment, skipping items already in its results. With ``collect=False``
-        nothing is kept in memory and ``[]`` is returned.
+        nothing is kept in memory and ``[]`` is returned. ``on_record`` (sync or async) is
+        called with each record once it is on disk.
         """
         extractor = self._pick_extractor(extract_function, parse_response)
         concurrency = concurrency_limit or self.settings.run.concurrency_limit
@@ -225,9 +229,10 @@ class DataGenerationPipeline:
             caller=Caller(transport,
                           Throttle(model.rate_limit, requests_per_minute=model.requests_per_minute,
                                    tokens_per_minute=model.tokens_per_minute,
-                                   concurrency=concurrency),
+                                   concurrency=concurrency,
+                                   slack=transport.name != "litellm"),
                           max_retries=model.max_retries, cache=cache),
-            build_request=lambda messages: self._request(messages, constraint),
+            build_request=self._request_builder(constraint),
             files=files,
             results_sink=JsonlSink(files.results, self.settings.output_data.fsync_interval),
             failures_sink=JsonlSink(files.failures, self.settings.output_data.fsync_interval),
@@ -238,6 +243,7 @@ class DataGenerationPipeline:
             cache_salt=run.cache_salt,
             shutdown_timeout=run.shutdown_timeout,
             fatal_message=self._fatal_message,
+            on_record=on_record,
             manifest_base={"datagen_version": _version(), "model": model.model_string(),
                            "extractor": extractor_name, "fingerprint": current,
                            "resumed": bool(done_keys), "config": self.settings.public_dict()},
@@ -261,6 +267,37 @@ class DataGenerationPipeline:
             log.warning(message)
             warnings.warn(message, stacklevel=2)
         return [engine.results[i] for i in sorted(engine.results)]
+
+    async def stream(self, data_pool: Any, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        """Run, yielding each record as soon as it is on disk (in the order items finish).
+
+        Memory stays flat for any pool size: nothing is collected, and a consumer slower
+        than the model holds the workers back instead of piling records up. Takes the
+        keywords of :meth:`run` (but ``collect`` and ``on_record``). Breaking out of the
+        loop stops the run (the manifest says ``interrupted``; resume continues it).
+        """
+        for name in ("collect", "on_record"):
+            if name in kwargs:
+                raise ConfigError(f"stream() does not take {name}=")
+        concurrency = kwargs.get("concurrency_limit") or self.settings.run.concurrency_limit
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2 * concurrency)
+        finished = object()
+
+        async def produce() -> None:
+            try:
+                await self.run(data_pool, collect=False, on_record=queue.put, **kwargs)
+            finally:
+                await queue.put(finished)
+
+        task = asyncio.ensure_future(produce())
+        try:
+            while (record := await queue.get()) is not finished:
+                yield record
+            await task  # re-raise what stopped the run, if anything did
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     def _open_run_files(self, resume: bool | str, current: dict[str, Any]
                         ) -> tuple[RunFiles, set[str]]:

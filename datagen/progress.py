@@ -75,7 +75,7 @@ class PlainDisplay:
 class RichDisplay:
     """A live bar: items done/total, rate, failures, elapsed, ETA."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, console: Any = None) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -94,7 +94,7 @@ class RichDisplay:
             TextColumn("[red]{task.fields[failed]} failed"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
+            console=console or Console(stderr=True),
             transient=False,
         )
         self.label = label
@@ -112,9 +112,11 @@ class RichDisplay:
 
     def close(self, done: int, failed: int, summary: str = "") -> None:
         self.update(done, failed)
+        self.progress.refresh()  # the final numbers, not the last periodic frame
         self.progress.stop()
         if summary:
-            self.progress.console.print(f"[bold]{self.label}[/bold]: {summary}")
+            self.progress.console.print(f"[bold]{self.label}[/bold]: {summary}",
+                                        highlight=False)
 
 
 def make_display(enabled: bool, label: str) -> Display:

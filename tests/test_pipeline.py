@@ -438,3 +438,41 @@ async def test_both_extractor_arguments_is_an_error(project: Path,
     with pytest.raises(ConfigError, match="either extract_function or parse_response"):
         await pipeline(project, server).run(make_pool(1), extract_function=str,
                                             parse_response=str)
+
+
+async def test_stream_yields_records_as_they_are_written(project: Path,
+                                                         server: FakeOpenAIServer) -> None:
+    p = pipeline(project, server)
+    seen = []
+    async for record in p.stream(make_pool(30), concurrency_limit=4):
+        assert p.last_run_files is not None
+        on_disk = p.last_run_files.results.read_bytes().count(b"\n")
+        assert on_disk >= len(seen) + 1  # it was written before it was yielded
+        seen.append(record["index"])
+    assert sorted(seen) == list(range(30))
+
+
+async def test_breaking_out_of_a_stream_stops_the_run(project: Path,
+                                                      server: FakeOpenAIServer) -> None:
+    server.latency = 0.05
+    p = pipeline(project, server)
+    stream = p.stream(make_pool(200), concurrency_limit=2)
+    async for _ in stream:
+        break
+    await stream.aclose()
+    assert p.last_run_files is not None
+    assert server.request_count < 20
+    manifest = json.loads(p.last_run_files.manifest.read_text())
+    assert manifest["status"] == "interrupted"
+    rest = await pipeline(project, server).run(make_pool(200), resume=True)
+    assert len(rest) + manifest["counts"]["succeeded"] == 200
+
+
+async def test_on_record_callback(project: Path, server: FakeOpenAIServer) -> None:
+    got: list[int] = []
+
+    async def keep(record: dict[str, Any]) -> None:
+        got.append(record["index"])
+
+    await pipeline(project, server).run(make_pool(5), on_record=keep)
+    assert sorted(got) == [0, 1, 2, 3, 4]

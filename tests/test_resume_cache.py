@@ -168,3 +168,13 @@ async def test_tokens_per_minute_cap_paces_requests(project: Path,
     assert server.max_in_window(1.0) < 6
 
 
+
+
+async def test_resume_from_the_constructor_and_config(project: Path,
+                                                      server: FakeOpenAIServer) -> None:
+    await pipe(project, server).run(make_pool(3))
+    await pipe(project, server, resume=True).run(make_pool(4))  # constructor keyword
+    assert server.request_count == 4
+    project.write_text(project.read_text().replace("run:\n", "run:\n  resume: true\n"))
+    await pipe(project, server).run(make_pool(5))  # config.yaml
+    assert server.request_count == 5

@@ -161,3 +161,66 @@ def test_cli_version() -> None:
     out = subprocess.run([sys.executable, "-m", "datagen.cli", "--version"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("datagen ")
+
+
+def test_seen_set_grows_and_remembers() -> None:
+    from datagen.pool import SeenSet
+
+    seen = SeenSet(capacity=4)
+    values = [i * 7919 + 2 for i in range(5000)] + [2**64 - 1]
+    assert [seen.add(v) for v in values] == [False] * len(values)
+    assert all(seen.add(v) for v in values)
+    assert len(seen) == len(values)
+    assert seen.add(0) is False and seen.add(0) is True  # 0 is stored as 1
+
+
+def test_rich_display_on_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from datagen.progress import RichDisplay
+
+    out = io.StringIO()
+    display = RichDisplay("demo", console=Console(file=out, force_terminal=True, width=120))
+    display.start(10)
+    display.update(7, 1)
+    display.close(9, 1, "9 succeeded, 1 failed")
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())  # without the colours
+    assert "10/10" in text and "1 failed" in text and "9 succeeded, 1 failed" in text
+
+
+async def test_adaptive_concurrency_halves_on_429_and_recovers() -> None:
+    from datagen.llm.throttle import AdaptiveConcurrency
+
+    gate = AdaptiveConcurrency(8)
+    for _ in range(8):
+        await gate.acquire()
+    waiter = asyncio.ensure_future(gate.acquire())
+    await asyncio.sleep(0)
+    assert not waiter.done()  # the ninth waits
+    gate.rate_limited()
+    assert gate.limit == 4
+    for _ in range(5):
+        await gate.release()
+    await asyncio.sleep(0)
+    assert waiter.done() and gate.in_flight == 4  # handed over only once under the limit
+    for _ in range(4):
+        gate.succeeded()
+    assert gate.limit == 5  # one slot back per `limit` successes
+
+
+async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
+    from datagen.llm.throttle import AdaptiveConcurrency
+
+    gate = AdaptiveConcurrency(1)
+    await gate.acquire()
+    waiter = asyncio.ensure_future(gate.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    await gate.release()
+    assert gate.in_flight == 0
+    await asyncio.wait_for(gate.acquire(), 1)

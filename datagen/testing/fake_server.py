@@ -143,7 +143,8 @@ class FakeOpenAIServer:
 
     def __init__(self, responder: Responder | None = None, latency: float = 0.0,
                  host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                 faults: FaultPlan | None = None, jitter: float = 0.0) -> None:
+                 faults: FaultPlan | None = None, jitter: float = 0.0,
+                 keep_bodies: bool = True) -> None:
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError("the fake server listens on 127.0.0.1 only")
         self.responder: Responder = responder or echo_draft
@@ -153,6 +154,8 @@ class FakeOpenAIServer:
         self.api_key = api_key  # when set, other keys get a 401
         self.faults = faults
         self.jitter = jitter  # latency varies uniformly by +- jitter seconds
+        self.keep_bodies = keep_bodies  # off for long benchmarks: counts only
+        self._count = 0
         self._lock = threading.Lock()
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
@@ -171,7 +174,7 @@ class FakeOpenAIServer:
     @property
     def request_count(self) -> int:
         with self._lock:
-            return len(self.bodies)
+            return self._count
 
     def max_in_window(self, window: float = 1.0) -> int:
         """The most requests that arrived within any ``window`` seconds."""
@@ -191,6 +194,7 @@ class FakeOpenAIServer:
             self.arrivals.clear()
             self.per_body.clear()
             self.max_in_flight = 0
+            self._count = 0
 
     @property
     def base_url(self) -> str:
@@ -208,10 +212,12 @@ class FakeOpenAIServer:
         except orjson.JSONDecodeError:
             return web.json_response(error_body(400, "body is not JSON"), status=400)
         with self._lock:
-            self.bodies.append(body)
-            self.headers.append(dict(request.headers))
+            self._count += 1
             self.arrivals.append(arrived)
-            self.per_body[body_hash(body)] += 1
+            if self.keep_bodies:
+                self.bodies.append(body)
+                self.headers.append(dict(request.headers))
+                self.per_body[body_hash(body)] += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -242,6 +248,20 @@ class FakeOpenAIServer:
             with self._lock:
                 self.in_flight -= 1
 
+    async def _stats(self, request: Any) -> Any:
+        from aiohttp import web
+
+        window = float(request.query.get("window", "1.0"))
+        return web.json_response({"requests": self.request_count,
+                                  "max_in_window": self.max_in_window(window),
+                                  "max_in_flight": self.max_in_flight})
+
+    async def _reset(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self.reset()
+        return web.json_response({"ok": True})
+
     async def _models(self, request: Any) -> Any:
         from aiohttp import web
 
@@ -256,6 +276,8 @@ class FakeOpenAIServer:
         app.router.add_post("/chat/completions", self._handle)
         app.router.add_post("/v1/completions", self._handle)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/stats", self._stats)  # for benchmarks in other processes
+        app.router.add_post("/reset", self._reset)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
@@ -310,11 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jitter", type=float, default=0.0, help="+- seconds of latency")
     parser.add_argument("--rate-429", type=float, default=0.0, help="share of 429 replies")
     parser.add_argument("--rate-500", type=float, default=0.0, help="share of 500 replies")
+    parser.add_argument("--no-bodies", action="store_true", help="count requests only")
     args = parser.parse_args(argv)
     faults = FaultPlan(rate_429=args.rate_429, rate_500=args.rate_500) if (
         args.rate_429 or args.rate_500) else None
     server = FakeOpenAIServer(port=args.port, latency=args.latency, jitter=args.jitter,
-                              faults=faults).start()
+                              faults=faults, keep_bodies=not args.no_bodies).start()
     print(f"fake OpenAI server at {server.base_url} (Ctrl+C to stop)", flush=True)
     try:
         while True:
