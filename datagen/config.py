@@ -106,6 +106,9 @@ SAMPLING_FIELDS: tuple[str, ...] = (
 class PromptsConfig(_Section):
     system_prompt_path: str | None = None
     user_prompt_path: str | None = None
+    # Folders searched for a step's prompt files, after the pipeline's own prompts/
+    # (relative to the config file's folder).
+    dirs: list[str] = Field(default_factory=list)
 
 
 class OutputConfig(_Section):
@@ -125,6 +128,7 @@ class RunConfig(_Section):
     cache_path: str | None = None  # default: output_dir/.datagen_cache.sqlite
     cache_salt: str = ""  # change it to get fresh samples for the same requests
     shutdown_timeout: float = Field(default=30.0, ge=0, description="Ctrl+C grace, seconds")
+    debug: bool = False  # write every call's input and output to <run>_debug/
 
 
 class Settings(BaseModel):
@@ -133,6 +137,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = Field(default_factory=ModelConfig)
+    # Named models a step can pick (step(model="large")); each inherits `model`'s settings,
+    # except connection settings (api_key, base_url) when it names its own provider.
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     output_data: OutputConfig = Field(default_factory=OutputConfig)
     run: RunConfig = Field(default_factory=RunConfig)
@@ -148,11 +155,32 @@ class Settings(BaseModel):
         out.update(self.model.extra_params)
         return out
 
+    def named_model(self, name: str | None) -> ModelConfig:
+        """The model a step asked for: the main one for None, else models[name]."""
+        if name is None:
+            return self.model
+        if name not in self.models:
+            known = ", ".join(sorted(self.models)) or "none defined"
+            raise ConfigError(f"no model named {name!r} in the models: section of the config "
+                              f"(defined: {known})")
+        own = self.models[name]
+        base = self.model.model_dump(exclude_unset=False)
+        if "provider" in own:
+            for key in ("api_key", "base_url"):
+                base.pop(key, None)
+        try:
+            return ModelConfig.model_validate({**base, **own})
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(exc, f"models.{name}")) from None
+
     def public_dict(self) -> dict[str, Any]:
         """The configuration with secrets removed, for the manifest."""
         data = self.model_dump(mode="json")
         if data["model"].get("api_key") is not None:
             data["model"]["api_key"] = "<redacted>"
+        for model in data.get("models", {}).values():
+            if isinstance(model, dict) and model.get("api_key"):
+                model["api_key"] = "<redacted>"
         return data
 
 
@@ -162,7 +190,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "output_data": OutputConfig,
     "run": RunConfig,
 }
-FREEFORM_SECTIONS = ("params",)
+FREEFORM_SECTIONS = ("params", "models")
 # flat keyword -> its section; field names are unique across sections by design
 _FLAT: dict[str, str] = {
     field: section for section, cls in SECTIONS.items() for field in cls.model_fields
@@ -224,6 +252,9 @@ def _check_file_keys(data: Mapping[str, Any], path: Path | None) -> list[str]:
     where_file = f"in {path}" if path else "in the configuration"
     problems: list[str] = []
     for section, body in data.items():
+        if section == "models":
+            problems += _check_models(body, where_file)
+            continue
         if section in FREEFORM_SECTIONS:
             continue
         if section not in SECTIONS:
@@ -245,6 +276,24 @@ def _check_file_keys(data: Mapping[str, Any], path: Path | None) -> list[str]:
                     _unknown_key_message(f"{section}.{key}", where_file,
                                          [f"{section}.{f}" for f in fields] + list(_FLAT))
                 )
+    return problems
+
+
+def _check_models(body: Any, where: str) -> list[str]:
+    if body is None:
+        return []
+    if not isinstance(body, Mapping):
+        return [f"section 'models' {where} must map model names to model settings"]
+    fields = list(ModelConfig.model_fields)
+    problems = []
+    for name, model in body.items():
+        if not isinstance(model, Mapping):
+            problems.append(f"models.{name} {where} must be a mapping of model settings")
+            continue
+        for key in model:
+            if key not in fields:
+                problems.append(_unknown_key_message(
+                    f"models.{name}.{key}", where, [f"models.{name}.{f}" for f in fields]))
     return problems
 
 

@@ -17,25 +17,27 @@ Either way the files stay valid and the run can be resumed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datagen import redact
 from datagen.cache import request_key
-from datagen.errors import DatagenError, RunAbortedError, a_type
-from datagen.llm.caller import Caller
+from datagen.errors import DatagenError, DataPoolError, RunAbortedError, a_type
+from datagen.llm.caller import Caller, CallStats
 from datagen.llm.errors import CallError
 from datagen.llm.types import ChatRequest, Completion
 from datagen.pool import ItemSource, PoolItem
 from datagen.progress import Display
-from datagen.prompts import ChatPrompt
+from datagen.steps import CallEvent, call_user_function, validation_reason
 from datagen.store import JsonlSink, RunFiles, dumps_line, iso_now, write_manifest
 
 log = logging.getLogger("datagen.engine")
@@ -43,13 +45,70 @@ ExtractFunction = Callable[[str], Any]
 
 
 @dataclass
+class StepRuntime:
+    """A step made ready to run: its model's caller and how to build its requests."""
+
+    name: str
+    caller: Caller
+    render: Callable[[ItemState, dict[str, Any], str],
+                     tuple[list[dict[str, str]] | None, str | None]]
+    build_request: Callable[[list[dict[str, str]] | None, str | None], ChatRequest]
+    extract: ExtractFunction | None = None
+    validate: Callable[..., Any] | None = None
+    input_processor: Callable[..., Any] | None = None
+    max_retries: int = 0
+    one_to_many: bool = False
+
+
+@dataclass
+class ItemState:
+    """One item (or one fan-out child) on its way through the steps."""
+
+    item: PoolItem
+    key: str
+    context: dict[str, Any]
+    outputs: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fanout: tuple[int, ...] = ()
+
+    def child(self, i: int, step: str, element: Any) -> ItemState:
+        trace = {name: dict(t) for name, t in self.trace.items()}
+        trace[step] = {**trace.get(step, {}), "output": element, "fanout_index": i}
+        return ItemState(self.item, f"{self.key}/{i}", self.context,
+                         {**self.outputs, step: element}, trace, (*self.fanout, i))
+
+
+class StepFailed(Exception):
+    def __init__(self, kind: str, message: str, attempts: int,
+                 completion: Completion | None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.attempts, self.completion = (kind, message, attempts,
+                                                                   completion)
+
+
+def step_trace(completion: Completion, attempts: int, retries: int) -> dict[str, Any]:
+    return {"raw_response": completion.text, "model": completion.model,
+            "finish_reason": completion.finish_reason, "usage": completion.usage.as_dict(),
+            "latency_s": round(completion.latency_s, 4), "attempts": attempts,
+            "validation_retries": retries, "cached": attempts == 0}
+
+
+def write_debug(folder: Path, event: CallEvent) -> None:
+    """One JSON file per call: the full input and output, secrets redacted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{event.step}-{event.key.replace('/', '_')}-{time.time_ns()}.json"
+    data = redact.redact(dumps_line(dataclasses.asdict(event)).decode())
+    (folder / name).write_text(data)
+
+
+@dataclass
 class RunContext:
     """What one run shares between its workers and does not change while it runs."""
 
-    prompt: ChatPrompt
-    extractor: ExtractFunction | None
-    caller: Caller
-    build_request: Callable[[list[dict[str, str]]], ChatRequest]
+    steps: list[StepRuntime]
+    make_record: Callable[[ItemState], dict[str, Any]]
+    make_failure: Callable[[ItemState, str, dict[str, Any]], dict[str, Any]]
+    check_item: Callable[[PoolItem], None]
     files: RunFiles
     results_sink: JsonlSink
     failures_sink: JsonlSink
@@ -62,6 +121,9 @@ class RunContext:
     fatal_message: Callable[[CallError], str] = str
     manifest_base: dict[str, Any] = field(default_factory=dict)
     on_record: Callable[[dict[str, Any]], Any] | None = None  # sync or async
+    observers: dict[str, list[Callable[[CallEvent], Any]]] = field(default_factory=dict)
+    debug_dir: Path | None = None
+    progress_callback: Callable[[str, float, str], Any] | None = None
 
 
 @dataclass
@@ -71,6 +133,8 @@ class Counts:
     skipped: int = 0  # already in the results file of the run being resumed
     failed_by_kind: Counter[str] = field(default_factory=Counter)
     latency_total: float = 0.0
+    validation_retries: Counter[str] = field(default_factory=Counter)
+    step_done: Counter[str] = field(default_factory=Counter)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -83,17 +147,21 @@ class Engine:
         self.ctx = ctx
         self.source = source
         self.counts = Counts()
-        self.results: dict[int, dict[str, Any]] = {}
+        self.results: dict[tuple[int, tuple[int, ...]], dict[str, Any]] = {}
         self.stopping = False
         self.interrupts = 0
         self._workers: list[asyncio.Future[None]] = []
         self._started_at = iso_now()
         self._t0 = time.monotonic()
+        self._pending_callbacks: list[dict[str, Any]] = []
+        self._last_report: dict[str, float] = {}
+        self.source_total: int | None = None
 
     # ---- the run ---------------------------------------------------------------------
 
     async def run(self, concurrency: int, total: int | None) -> None:
         status, error = "running", None
+        self.source_total = total
         self.write_manifest(status, None)
         self.ctx.display.start(total)
         restore = self._install_sigint()
@@ -112,6 +180,9 @@ class Engine:
             raise
         finally:
             restore()
+            for step in self.ctx.steps:
+                if self.counts.step_done[step.name]:
+                    self._emit_progress(step.name)
             self.ctx.results_sink.close()
             self.ctx.failures_sink.close()
             self.ctx.display.close(self.counts.succeeded, self.counts.failed, self.summary())
@@ -189,90 +260,217 @@ class Engine:
                 self.counts.skipped += 1
                 continue
             if not self.ctx.prechecked:
-                self.ctx.prompt.check(item.user_kwargs, item.system_kwargs, f"item {item.index}")
+                self.ctx.check_item(item)
             await self._process(item)
+            while self._pending_callbacks and self.ctx.on_record is not None:
+                returned = self.ctx.on_record(self._pending_callbacks.pop(0))
+                if inspect.isawaitable(returned):
+                    await returned
 
     async def _process(self, item: PoolItem) -> None:
+        state = ItemState(item=item, key=item.key, context=dict(item.user_kwargs))
+        await self._advance(state, 0)
+
+    async def _advance(self, state: ItemState, first: int) -> None:
+        """Carry one item (or fan-out child) through steps[first:], then write it."""
+        steps = self.ctx.steps
+        for position in range(first, len(steps)):
+            step = steps[position]
+            try:
+                output = await self._run_step(step, state)
+            except StepFailed as failure:
+                self._fail(state, step.name, failure)
+                return
+            self.counts.step_done[step.name] += 1
+            self._report_step(step.name)
+            if step.one_to_many:
+                await self._fan_out(step, state, output, position)
+                return
+            state.outputs[step.name] = output
+        self._write(state)
+
+    async def _fan_out(self, step: StepRuntime, state: ItemState, output: Any,
+                       position: int) -> None:
+        if not isinstance(output, list):
+            self._fail(state, step.name, StepFailed(
+                "fanout", f"step '{step.name}' is one_to_many but returned "
+                f"{a_type(output)}, not a list", 0, None))
+            return
+        if not output:
+            self._fail(state, step.name, StepFailed(
+                "fanout", f"step '{step.name}' returned an empty list: nothing to continue "
+                "with", 0, None))
+            return
+        children = []
+        for i, element in enumerate(output):
+            child = state.child(i, step.name, element)
+            if child.key in self.ctx.done_keys:  # finished in the run being resumed
+                self.counts.skipped += 1
+                continue
+            children.append(self._advance(child, position + 1))
+        results = await asyncio.gather(*children, return_exceptions=True)
+        for result in results:  # a fatal error in one child stops the run
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _run_step(self, step: StepRuntime, state: ItemState) -> Any:
         ctx = self.ctx
-        messages = ctx.prompt.messages(item.user_kwargs, item.system_kwargs,
-                                       f"item {item.index}")
-        request = ctx.build_request(messages)
-        cache_key = (request_key(request, f"{ctx.cache_salt}|{item.occurrence}")
-                     if ctx.caller.cache is not None else None)
-        try:
-            completion, attempts = await ctx.caller.call(request, cache_key)
-        except CallError as err:
-            if err.fatal:
-                raise RunAbortedError(ctx.fatal_message(err), err.kind) from None
-            self._fail(item, err.kind, err.message, err.attempts)
-            return
-        try:
-            output: Any = completion.text
-            if ctx.extractor is not None:
-                output = ctx.extractor(completion.text)
-                if inspect.isawaitable(output):
-                    output = await output
-        except Exception as exc:  # the user's extractor: whatever it raises fails the item
-            reason = f"{type(exc).__name__}: {exc}"
-            if completion.finish_reason == "length":
-                reason += " (the response was cut off at max_tokens: raise max_tokens)"
-            self._fail(item, "extraction", reason, attempts, completion)
-            return
-        record = make_record(item, output, completion, attempts)
+        where = f"item {state.item.index}" + (f" (key {state.key})" if "/" in state.key else "")
+        context = {**state.context, **state.outputs}
+        if step.input_processor is not None:
+            context = await call_user_function(step.input_processor, context)
+            if not isinstance(context, Mapping):
+                raise DataPoolError(f"step '{step.name}': input_processor returned "
+                                    f"{a_type(context)}; it must return a dict")
+        error_message: str | None = None
+        retries = 0
+        while True:
+            messages, prompt = step.render(state, {**context, "error_message": error_message},
+                                           where)
+            request = step.build_request(messages, prompt)
+            salt = f"{ctx.cache_salt}|{state.item.occurrence}" + (f"|v{retries}" if retries
+                                                                  else "")
+            cache_key = (request_key(request, salt) if step.caller.cache is not None else None)
+            event = CallEvent(step.name, state.key, messages, prompt)
+            self._observe("before", event)
+            try:
+                completion, attempts = await step.caller.call(request, cache_key)
+            except CallError as err:
+                event.error = f"{err.kind}: {err.message}"
+                self._observe("after", event)
+                if err.fatal:
+                    raise RunAbortedError(ctx.fatal_message(err), err.kind) from None
+                raise StepFailed(err.kind, err.message, err.attempts, None) from None
+            event.response, event.usage = completion.text, completion.usage.as_dict()
+            event.latency_s, event.cached = completion.latency_s, attempts == 0
+            self._observe("after", event)
+            kind, reason, output = await self._check(step, completion, context)
+            trace = step_trace(completion, attempts, retries)
+            if reason is None:
+                state.trace[step.name] = {**trace, "output": output}
+                return output
+            if retries >= step.max_retries:
+                if completion.finish_reason == "length":
+                    reason += " (the response was cut off at max_tokens: raise max_tokens)"
+                state.trace[step.name] = trace
+                raise StepFailed(kind, reason, attempts, completion)
+            retries += 1
+            self.counts.validation_retries[step.name] += 1
+            error_message = reason
+            log.info("step %s, %s: %s failed (%s); retry %d/%d", step.name, where, kind,
+                     reason[:200], retries, step.max_retries)
+
+    async def _check(self, step: StepRuntime, completion: Completion,
+                     context: Mapping[str, Any]) -> tuple[str, str | None, Any]:
+        """(kind, reason or None when it passed, output)."""
+        output: Any = completion.text
+        if step.extract is not None:
+            try:
+                output = await call_user_function(step.extract, completion.text)
+            except Exception as exc:  # the user's extractor: whatever it raises
+                return "extraction", f"{type(exc).__name__}: {exc}", None
+        if step.validate is not None:
+            try:
+                verdict = await call_user_function(step.validate, output, context)
+            except Exception as exc:  # a validator that raises has said "invalid"
+                return "validation", f"the validator raised {type(exc).__name__}: {exc}", output
+            reason = validation_reason(verdict)
+            if reason is not None:
+                return "validation", reason, output
+        return "ok", None, output
+
+    def _write(self, state: ItemState) -> None:
+        ctx = self.ctx
+        record = ctx.make_record(state)
         try:
             line = dumps_line(record)
         except TypeError as exc:
-            self._fail(item, "serialization",
-                       f"the extractor returned {a_type(output)} that cannot be written as "
-                       f"JSON ({exc}); return dicts, lists, strings, numbers or a pydantic "
-                       "model", attempts, completion)
+            last = ctx.steps[-1].name
+            value = state.outputs.get(last, state.trace.get(last, {}).get("output"))
+            self._fail(state, last, StepFailed(
+                "serialization", f"the extractor returned {a_type(value)} that cannot be "
+                f"written as JSON ({exc}); return dicts, lists, strings, numbers or a "
+                "pydantic model", state.trace.get(last, {}).get("attempts", 0), None))
             return
         ctx.results_sink.write_line(line)
         self.counts.succeeded += 1
-        self.counts.latency_total += completion.latency_s
+        latency = sum(t.get("latency_s", 0.0) for t in state.trace.values())
+        self.counts.latency_total += latency
         if ctx.collect:
-            self.results[item.index] = record
+            self.results[(state.item.index, state.fanout)] = record
         ctx.display.update(self.counts.succeeded, self.counts.failed)
         if ctx.on_record is not None:
-            returned = ctx.on_record(record)
-            if inspect.isawaitable(returned):
-                await returned
+            self._pending_callbacks.append(record)
 
-    def _fail(self, item: PoolItem, kind: str, message: str, attempts: int,
-              completion: Completion | None = None) -> None:
-        message = redact.redact(message)
-        record = base_record(item)
-        record["error"] = {"kind": kind, "message": message, "attempts": attempts}
-        if completion is not None:
-            record["raw_response"] = completion.text
-            record["finish_reason"] = completion.finish_reason
+    def _fail(self, state: ItemState, step: str, failure: StepFailed) -> None:
+        message = redact.redact(failure.message)
+        record = self.ctx.make_failure(state, step, {"kind": failure.kind, "message": message,
+                                                     "attempts": failure.attempts})
+        if failure.completion is not None:
+            record["raw_response"] = failure.completion.text
+            record["finish_reason"] = failure.completion.finish_reason
         try:
             line = dumps_line(record)
         except TypeError:  # an unserialisable item value: keep what can be kept
-            record = {"index": item.index, "key": item.key, "error": record["error"],
-                      "user_prompt_kwargs": repr(item.user_kwargs),
-                      "system_prompt_kwargs": repr(item.system_kwargs)}
-            line = dumps_line(record)
+            line = dumps_line({"index": state.item.index, "key": state.key,
+                               "error": record["error"], "item": repr(state.context)})
         self.ctx.failures_sink.write_line(line)
         self.counts.failed += 1
-        self.counts.failed_by_kind[kind] += 1
-        log.warning("item %d failed (%s) after %d attempt(s): %s", item.index, kind, attempts,
+        self.counts.failed_by_kind[failure.kind] += 1
+        log.warning("item %d (%s) failed at step %s (%s) after %d attempt(s): %s",
+                    state.item.index, state.key, step, failure.kind, failure.attempts,
                     message[:300])
         self.ctx.display.update(self.counts.succeeded, self.counts.failed)
 
+    def _observe(self, phase: str, event: CallEvent) -> None:
+        for observer in self.ctx.observers.get(phase, ()):
+            try:
+                observer(event)
+            except Exception:  # an observer must never break a run
+                log.exception("a %s-call observer raised; ignored", phase)
+        if phase == "after" and self.ctx.debug_dir is not None:
+            write_debug(self.ctx.debug_dir, event)
+
+    def _report_step(self, name: str) -> None:
+        callback = self.ctx.progress_callback
+        if callback is None:
+            return
+        now = time.monotonic()
+        if now - self._last_report.get(name, 0.0) < 0.5:
+            return
+        self._last_report[name] = now
+        self._emit_progress(name)
+
+    def _emit_progress(self, name: str) -> None:
+        callback = self.ctx.progress_callback
+        if callback is None:
+            return
+        done = self.counts.step_done[name]
+        total = self.source_total
+        fraction = min(1.0, done / total) if total else 0.0
+        try:
+            callback(name, fraction, f"step {name}: {done} done")
+        except Exception:  # a UI hook must never break a run
+            log.exception("progress_callback raised; ignored")
+
     # ---- bookkeeping -----------------------------------------------------------------
 
+    def stats(self) -> CallStats:
+        return combined_stats([step.caller for step in self.ctx.steps])
+
     def summary(self) -> str:
-        c, s = self.counts, self.ctx.caller.stats
+        c, s = self.counts, self.stats()
         by_kind = ", ".join(f"{k}: {v}" for k, v in sorted(c.failed_by_kind.items()))
         skipped = f", {c.skipped} already done" if c.skipped else ""
+        vr = sum(c.validation_retries.values())
+        skipped += f", {vr} validation retries" if vr else ""
         return (f"{c.succeeded} succeeded, {c.failed} failed{f' ({by_kind})' if by_kind else ''}"
                 f"{skipped}; {s.requests} requests, {s.retries} retries, {s.rate_limited} "
                 f"rate-limited (429), {s.cache_hits} cache hits; "
                 f"{s.prompt_tokens} prompt + {s.completion_tokens} completion tokens")
 
     def write_manifest(self, status: str, error: dict[str, str] | None) -> None:
-        c, s = self.counts, self.ctx.caller.stats
+        c, s = self.counts, self.stats()
         elapsed = time.monotonic() - self._t0
         finished = c.succeeded + c.failed
         manifest = {
@@ -286,6 +484,9 @@ class Engine:
             "counts": {"finished": finished, "succeeded": c.succeeded, "failed": c.failed,
                        "failed_by_kind": dict(c.failed_by_kind), "skipped_done": c.skipped,
                        "results_in_file": len(self.ctx.done_keys) + c.succeeded},
+            "steps": {step.name: {"done": c.step_done[step.name],
+                                  "validation_retries": c.validation_retries[step.name]}
+                      for step in self.ctx.steps},
             "calls": {"requests": s.requests, "retries": s.retries,
                       "rate_limited": s.rate_limited, "errors_by_kind": dict(s.errors_by_kind),
                       "cache_hits": s.cache_hits, "cache_misses": s.cache_misses},
@@ -301,28 +502,51 @@ class Engine:
         write_manifest(self.ctx.files.manifest, manifest)
 
 
-def base_record(item: PoolItem) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "index": item.index,
-        "key": item.key,
-        "user_prompt_kwargs": item.user_kwargs,
-        "system_prompt_kwargs": item.system_kwargs,
-    }
+def legacy_record(state: ItemState) -> dict[str, Any]:
+    """The single-step record (the shape the core template promises)."""
+    (trace,) = state.trace.values()
+    return {**_legacy_inputs(state), "output": trace["output"],
+            **{k: trace[k] for k in ("raw_response", "model", "finish_reason", "usage",
+                                     "latency_s", "attempts", "cached")}}
+
+
+def legacy_failure(state: ItemState, step: str, error: dict[str, Any]) -> dict[str, Any]:
+    return {**_legacy_inputs(state), "error": error}
+
+
+def _legacy_inputs(state: ItemState) -> dict[str, Any]:
+    item = state.item
+    record: dict[str, Any] = {"index": item.index, "key": state.key,
+                              "user_prompt_kwargs": item.user_kwargs,
+                              "system_prompt_kwargs": item.system_kwargs}
     if item.meta:
         record["meta"] = item.meta
     return record
 
 
-def make_record(item: PoolItem, output: Any, completion: Completion, attempts: int
-                ) -> dict[str, Any]:
-    return {
-        **base_record(item),
-        "output": output,
-        "raw_response": completion.text,
-        "model": completion.model,
-        "finish_reason": completion.finish_reason,
-        "usage": completion.usage.as_dict(),
-        "latency_s": round(completion.latency_s, 4),
-        "attempts": attempts,
-        "cached": attempts == 0,
-    }
+def steps_record(state: ItemState) -> dict[str, Any]:
+    """A multi-step record: the item, every step's trace, the last step's output."""
+    last = list(state.trace)[-1]
+    return {"index": state.item.index, "key": state.key, "item": state.context,
+            "output": state.trace[last].get("output"), "steps": state.trace}
+
+
+def steps_failure(state: ItemState, step: str, error: dict[str, Any]) -> dict[str, Any]:
+    return {"index": state.item.index, "key": state.key, "item": state.context,
+            "step": step, "error": {**error, "step": step}, "steps": state.trace}
+
+
+def combined_stats(callers: list[Caller]) -> CallStats:
+    """The call counters of every model a run used, added up."""
+    total = CallStats()
+    for caller in {id(c): c for c in callers}.values():
+        s = caller.stats
+        total.requests += s.requests
+        total.retries += s.retries
+        total.rate_limited += s.rate_limited
+        total.errors_by_kind.update(s.errors_by_kind)
+        total.prompt_tokens += s.prompt_tokens
+        total.completion_tokens += s.completion_tokens
+        total.cache_hits += s.cache_hits
+        total.cache_misses += s.cache_misses
+    return total

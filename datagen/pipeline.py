@@ -20,22 +20,20 @@ from datagen import redact
 from datagen.cache import ResponseCache
 from datagen.config import Settings, load_settings
 from datagen.engine import Engine, RunContext
-from datagen.errors import ConfigError
-from datagen.llm.caller import Caller, Transport
+from datagen.errors import ConfigError, TemplateError
+from datagen.llm import runtime
 from datagen.llm.errors import CallError
-from datagen.llm.throttle import Throttle
-from datagen.llm.types import ChatRequest
-from datagen.manifest import check_resume, fingerprint, read_manifest
-from datagen.pool import ItemSource, Pool, open_pool, to_item
+from datagen.manifest import check_resume, read_manifest
+from datagen.plan import RunPlan, SingleStepPlan, StepsPlan
+from datagen.pool import ItemSource, open_pool
 from datagen.progress import make_display
 from datagen.prompts import ChatPrompt
 from datagen.runlog import RunLog
+from datagen.steps import DEFAULT_VALIDATION_RETRIES, CallEvent, Step
 from datagen.store import JsonlSink, RunFiles, read_index, repair_torn_tail
 
 log = logging.getLogger("datagen.pipeline")
 ExtractFunction = Callable[[str], Any]
-# Providers datagen serves itself (registered with litellm as custom providers).
-BUILTIN_PROVIDERS: frozenset[str] = frozenset({"local", "fake"})
 CACHE_FILE = ".datagen_cache.sqlite"
 
 
@@ -67,7 +65,9 @@ class DataGenerationPipeline:
         if self.settings.prompts.user_prompt_path:
             self._prompt = self._load_prompt()
         self.last_run_files: RunFiles | None = None
-        self._transport: Transport | None = None
+        self._steps: list[Step] = []
+        self._observers: dict[str, list[Callable[[CallEvent], Any]]] = {"before": [],
+                                                                         "after": []}
 
     # ---- builder helpers -------------------------------------------------------------
 
@@ -83,87 +83,90 @@ class DataGenerationPipeline:
 
     def transport_name(self) -> str:
         """'openai' (the fast aiohttp path) or 'litellm', as model.transport resolves."""
-        from datagen.llm.openai_transport import speaks_openai
+        return runtime.transport_name(self.settings.model)
 
-        m = self.settings.model
-        fits = speaks_openai(m.effective_provider()) and not m.is_embedded()
-        if m.transport == "auto":
-            return "openai" if fits else "litellm"
-        if m.transport == "openai" and not fits:
-            raise ConfigError(
-                f"transport 'openai' needs an OpenAI-compatible endpoint, and provider "
-                f"'{m.provider}' is not one: use transport 'litellm' (or 'auto'), or "
-                "provider 'openai' with model.base_url"
-            )
-        return m.transport
+    # ---- multi-step builder ----------------------------------------------------------
 
-    def _make_transport(self, concurrency: int) -> Transport:
-        m = self.settings.model
-        if self.transport_name() == "openai":
-            from datagen.llm.openai_transport import OpenAITransport
+    def step(
+        self,
+        name: str,
+        prompt: str | PathLike[str],
+        extract: ExtractFunction | None = None,
+        validate: Callable[..., Any] | None = None,
+        input_processor: Callable[..., Any] | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        max_retries: int | None = None,
+        one_to_many: bool = False,
+        response_format: Any = None,
+        system_prompt: str | PathLike[str] | None = None,
+        mode: str = "chat",
+        stop: list[str] | None = None,
+    ) -> DataGenerationPipeline:
+        """Add a step; returns the pipeline, so steps chain.
 
-            key = m.api_key.get_secret_value() if m.api_key else None
-            return OpenAITransport(m.effective_provider(), m.base_url, key,
-                                   pool_size=concurrency)
-        from datagen.llm.litellm_transport import LiteLLMTransport
+        ``prompt``: a ``.yaml`` chat prompt (a list of {role, content}, few-shot turns
+        welcome) or a ``.txt`` user prompt (with ``system_prompt=`` a ``.txt`` system
+        prompt), found in the pipeline's own ``prompts/`` first, then in ``prompts.dirs``.
+        Templates see the item's fields, every earlier step's output under its name, and
+        ``error_message``. ``extract`` turns the text into the step's output (default: the
+        text, or ``response_format``'s model); ``validate(output, context)`` returns True,
+        False, (False, reason) or a reason; a failure is retried with the reason in
+        ``error_message`` up to ``max_retries`` (default 2). ``model`` names a model of
+        the config's ``models:`` section. ``one_to_many``: the output is a list, and each
+        element continues through the later steps as its own item. ``mode="completion"``
+        sends the rendered text to a text-completion endpoint (base models), with ``stop``.
+        """
+        from datagen.prompts import StepPrompt, find_prompt
 
-        return LiteLLMTransport()
+        if not name.isidentifier() or name in ("error_message", "item"):
+            raise ConfigError(f"step name {name!r} must be a Python identifier (templates "
+                              "use it as a variable) and not 'error_message' or 'item'")
+        if any(existing.name == name for existing in self._steps):
+            raise ConfigError(f"a step named {name!r} already exists")
+        if mode not in ("chat", "completion"):
+            raise ConfigError(f"step '{name}': mode must be 'chat' or 'completion'")
+        self.settings.named_model(model)  # an unknown name fails here, naming the step's model
+        search = self._prompt_dirs()
+        try:
+            files = find_prompt(prompt, search, name)
+            system = find_prompt(system_prompt, search, name) if system_prompt else None
+            loaded = StepPrompt.load(files, system)
+        except TemplateError as exc:
+            text = str(exc)
+            raise TemplateError(text if text.startswith("step '") else f"step '{name}': {text}"
+                                ) from None
+        if extract is None and response_format is not None and not isinstance(
+                response_format, dict):
+            extract = extract_mod.json(response_format)
+        step_sampling = dict(sampling or {})
+        if stop is not None:
+            step_sampling["stop"] = stop
+        self._steps.append(Step(
+            name=name, prompt=loaded, extract=extract, validate=validate,
+            input_processor=input_processor, sampling=step_sampling, model=model,
+            max_retries=DEFAULT_VALIDATION_RETRIES if max_retries is None else max_retries,
+            one_to_many=one_to_many, response_format=response_format,
+            mode="completion" if mode == "completion" else "chat"))
+        return self
 
-    def _check_provider(self) -> None:
-        provider = self.settings.model.provider
-        if self.transport_name() == "openai":
-            return  # a provider the fast path knows: no need to load litellm to check it
-        if self.settings.model.is_embedded():
-            from datagen.llm.local import check_available
+    def on_call(self, before: Callable[[CallEvent], Any] | None = None,
+                after: Callable[[CallEvent], Any] | None = None) -> DataGenerationPipeline:
+        """Observers called before and after every LLM call with a :class:`CallEvent`
+        (step, key, messages, response, usage, latency, cached, error)."""
+        if before is not None:
+            self._observers["before"].append(before)
+        if after is not None:
+            self._observers["after"].append(after)
+        return self
 
-            check_available(self.settings.model.model.removeprefix("local/"))
-            return
-        if provider in BUILTIN_PROVIDERS:
-            return
-        from datagen.llm.litellm_transport import known_providers
-
-        known = known_providers()
-        if provider not in known:
-            import difflib
-
-            close = difflib.get_close_matches(provider, sorted(known), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown model provider '{provider}' (model.provider).{hint} For any "
-                "OpenAI-compatible server (vLLM, llama.cpp, Ollama's /v1) use provider "
-                "'openai' with model.base_url."
-            )
-
-    def _constraint(self, extractor: ExtractFunction | None) -> dict[str, Any]:
-        """The extractor's output constraint, for models that take one (see
-        model.constrain_output); never replaces a grammar or format the user set."""
-        m = self.settings.model
-        wanted = m.is_embedded() if m.constrain_output is None else m.constrain_output
-        constraint = getattr(extractor, "constraint", None)
-        budget = m.max_tokens or m.max_completion_tokens
-        params = constraint(budget) if wanted and callable(constraint) else None
-        if not params:
-            return {}
-        sampling = self.settings.sampling_params()
-        if any(k in sampling for k in ("grammar", "response_format")):
-            return {}
-        if "grammar" in params and not m.is_embedded():
-            return {"extra_body": {"grammar": params["grammar"]}}  # llama.cpp server form
-        return dict(params)
-
-    def _request_builder(self, constraint: dict[str, Any] | None = None
-                         ) -> Callable[[list[dict[str, str]]], ChatRequest]:
-        """messages -> ChatRequest, with everything but the messages fixed once per run."""
-        m = self.settings.model
-        model, base_url, timeout = m.model_string(), m.base_url, m.timeout
-        params = {**self.settings.sampling_params(), **(constraint or {})}
-        key = m.api_key.get_secret_value() if m.api_key else None
-
-        def build(messages: list[dict[str, str]]) -> ChatRequest:
-            return ChatRequest(model=model, messages=messages, params=params, api_key=key,
-                               base_url=base_url, timeout=timeout)
-
-        return build
+    def _prompt_dirs(self) -> list[Path]:
+        base = self.settings.config_path.parent if self.settings.config_path else Path.cwd()
+        dirs = [base / "prompts"]
+        for extra in self.settings.prompts.dirs:
+            p = Path(extra).expanduser()
+            dirs.append(p if p.is_absolute() else base / p)
+        return [*dirs, base, Path.cwd()]
 
     # ---- running ---------------------------------------------------------------------
 
@@ -181,6 +184,7 @@ class DataGenerationPipeline:
         collect: bool = True,
         resume: bool | str | None = None,
         on_record: Callable[[dict[str, Any]], Any] | None = None,
+        progress_callback: Callable[[str, float, str], Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Generate one record per pool item; return the successful records in input order.
 
@@ -189,30 +193,28 @@ class DataGenerationPipeline:
         reason. ``resume=True`` (or ``run.resume`` in config) continues the newest run of
         this experiment, skipping items already in its results. With ``collect=False``
         nothing is kept in memory and ``[]`` is returned. ``on_record`` (sync or async) is
-        called with each record once it is on disk.
+        called with each record once it is on disk; ``progress_callback(task_id, fraction,
+        message)`` as steps complete (task_id: the step's name).
         """
         extractor = self._pick_extractor(extract_function, parse_response)
+        if self._steps and extractor is not None:
+            raise ConfigError("a multi-step pipeline takes its extractors per step: "
+                              ".step(..., extract=...), not run(extract_function=...)")
         concurrency = concurrency_limit or self.settings.run.concurrency_limit
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency_limit must be a whole number >= 1, got {concurrency!r}")
         resume = self.settings.run.resume if resume is None else resume
         if resume not in (True, False, "force"):
             raise ConfigError(f"resume must be True, False or 'force', got {resume!r}")
-        if self._prompt is None:
-            self._prompt = self._load_prompt()
-        prompt = self._prompt
+        plan = self._plan(extractor)
         pool = open_pool(data_pool)
         if pool.reiterable:
-            self._precheck(pool, prompt)
-        self._check_provider()
+            for index, raw in enumerate(pool.raw_items()):
+                plan.check_item(plan.make_item(index, raw))
+        for name in plan.model_names:
+            runtime.check_provider(self.settings.named_model(name))
 
-        extractor_name = _name_of(extractor)
-        current = fingerprint(
-            model=self.settings.model.model_string(), sampling=self.settings.sampling_params(),
-            templates={"user": prompt.user.source,
-                       "system": prompt.system.source if prompt.system else None},
-            extractor=extractor_name)
-        files, done_keys = self._open_run_files(resume, current)
+        files, done_keys = self._open_run_files(resume, plan.fingerprint)
         self.last_run_files = files
         show = self.settings.run.progress if progress is None else progress
         run = self.settings.run
@@ -220,19 +222,14 @@ class DataGenerationPipeline:
         if run.cache:
             cache = ResponseCache(run.cache_path or Path(self.settings.output_data.output_dir)
                                   / CACHE_FILE)
+        callers = {name: runtime.make_caller(self.settings.named_model(name), concurrency,
+                                             cache) for name in plan.model_names}
         model = self.settings.model
-        constraint = self._constraint(extractor)
-        transport = self._make_transport(concurrency)
         ctx = RunContext(
-            prompt=prompt,
-            extractor=extractor,
-            caller=Caller(transport,
-                          Throttle(model.rate_limit, requests_per_minute=model.requests_per_minute,
-                                   tokens_per_minute=model.tokens_per_minute,
-                                   concurrency=concurrency,
-                                   slack=transport.name != "litellm"),
-                          max_retries=model.max_retries, cache=cache),
-            build_request=self._request_builder(constraint),
+            steps=plan.runtimes(callers),
+            make_record=plan.make_record,
+            make_failure=plan.make_failure,
+            check_item=plan.check_item,
             files=files,
             results_sink=JsonlSink(files.results, self.settings.output_data.fsync_interval),
             failures_sink=JsonlSink(files.failures, self.settings.output_data.fsync_interval),
@@ -244,11 +241,15 @@ class DataGenerationPipeline:
             shutdown_timeout=run.shutdown_timeout,
             fatal_message=self._fatal_message,
             on_record=on_record,
+            observers={k: list(v) for k, v in self._observers.items()},
+            debug_dir=files.results.with_name(files.results.stem + "_debug") if run.debug
+            else None,
+            progress_callback=progress_callback,
             manifest_base={"datagen_version": _version(), "model": model.model_string(),
-                           "extractor": extractor_name, "fingerprint": current,
+                           "extractor": plan.extractor_name, "fingerprint": plan.fingerprint,
                            "resumed": bool(done_keys), "config": self.settings.public_dict()},
         )
-        engine = Engine(ctx, ItemSource(pool))
+        engine = Engine(ctx, ItemSource(pool, plan.make_item))
         try:
             with RunLog(files.log):
                 log.info("run started: model %s, %s items, concurrency %d, output %s%s",
@@ -258,7 +259,8 @@ class DataGenerationPipeline:
                          f" (resuming: {len(done_keys)} done)" if done_keys else "")
                 await engine.run(concurrency, pool.total)
         finally:
-            await transport.aclose()
+            for caller in callers.values():
+                await caller.transport.aclose()
             if cache is not None:
                 cache.close()
         counts = engine.counts
@@ -329,11 +331,12 @@ class DataGenerationPipeline:
             )
         return chosen
 
-    def _precheck(self, pool: Pool, prompt: ChatPrompt) -> None:
-        """Check every item's shape and templates before the first request is sent."""
-        for index, raw in enumerate(pool.raw_items()):
-            item = to_item(index, raw)
-            prompt.check(item.user_kwargs, item.system_kwargs, f"item {index}")
+    def _plan(self, extractor: ExtractFunction | None) -> RunPlan:
+        if self._steps:
+            return StepsPlan(self.settings, self._steps)
+        if self._prompt is None:
+            self._prompt = self._load_prompt()
+        return SingleStepPlan(self.settings, self._prompt, extractor)
 
     def _fatal_message(self, err: CallError) -> str:
         m = self.settings.model
@@ -348,13 +351,6 @@ class DataGenerationPipeline:
             f"({err.status or 404}): {err.message}. Check model.provider, model.model and "
             "model.base_url."
         )
-
-
-def _name_of(extractor: ExtractFunction | None) -> str:
-    if extractor is None:
-        return "raw"
-    name = getattr(extractor, "name", None) or getattr(extractor, "__qualname__", None)
-    return str(name or type(extractor).__name__)
 
 
 __all__ = ["DataGenerationPipeline"]

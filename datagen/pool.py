@@ -14,6 +14,7 @@ from array import array
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
+    Callable,
     Iterable,
     Iterator,
     Mapping,
@@ -202,7 +203,9 @@ class ItemSource:
     advancing it at once (an async generator cannot be re-entered).
     """
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool,
+                 make_item: Callable[[int, Any], PoolItem] | None = None) -> None:
+        self._make_item = make_item or to_item
         self._sync: Iterator[Any] | None = None
         self._async: AsyncIterator[Any] | None = None
         if pool.is_async():
@@ -220,7 +223,7 @@ class ItemSource:
         pair = await self._next_raw()
         if pair is None:
             return None
-        item = to_item(*pair)
+        item = self._make_item(*pair)
         if not self._seen.add(int(item.content_key[:16], 16)):
             return item
         count = self._repeats.get(item.content_key, 1)

@@ -7,6 +7,7 @@ keeps a template from reaching Python internals through an item's values.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -143,3 +144,101 @@ class ChatPrompt:
         out.append({"role": "user",
                     "content": self.user.render(user_kwargs, f"{where} (user_prompt_kwargs)")})
         return out
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class StepPrompt:
+    """A step's prompt: chat messages (from a .yaml file, or a .txt user prompt with an
+    optional .txt system prompt) or, in completion mode, one text.
+
+    Every message is a template rendered with one context: the item's fields, every
+    earlier step's output under its name, and ``error_message`` (the reason the last
+    attempt failed validation, else None).
+    """
+
+    messages: tuple[tuple[str, PromptTemplate], ...]
+    files: tuple[Path, ...]
+
+    @property
+    def variables(self) -> frozenset[str]:
+        out: frozenset[str] = frozenset()
+        for _, template in self.messages:
+            out |= template.variables
+        return out
+
+    @classmethod
+    def load(cls, path: Path, system: Path | None = None) -> StepPrompt:
+        if path.suffix in (".yaml", ".yml"):
+            if system is not None:
+                raise TemplateError(f"{path}: a .yaml chat prompt holds its own system "
+                                    "message; do not pass system_prompt= as well")
+            return cls._from_yaml(path)
+        user = PromptTemplate.from_file(path, "user")
+        messages: list[tuple[str, PromptTemplate]] = []
+        if system is not None:
+            messages.append(("system", PromptTemplate.from_file(system, "system")))
+        messages.append(("user", user))
+        return cls(tuple(messages), tuple(p for p in (system, path) if p is not None))
+
+    @classmethod
+    def _from_yaml(cls, path: Path) -> StepPrompt:
+        import yaml
+
+        if not path.is_file():
+            raise TemplateError(f"prompt file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark else ""
+            raise TemplateError(f"{path}{where}: YAML syntax error: "
+                                f"{getattr(exc, 'problem', exc)}") from None
+        if isinstance(data, dict) and "messages" in data:
+            data = data["messages"]
+        if not isinstance(data, list) or not data:
+            raise TemplateError(f"{path}: a chat prompt is a list of messages, each "
+                                "{role: system|user|assistant, content: ...}")
+        messages = []
+        for i, message in enumerate(data, start=1):
+            if not isinstance(message, dict) or set(message) != {"role", "content"}:
+                raise TemplateError(f"{path}, message {i}: each message needs exactly 'role' "
+                                    "and 'content'")
+            if message["role"] not in _ROLES:
+                raise TemplateError(f"{path}, message {i}: role must be one of "
+                                    f"{', '.join(_ROLES)}, not {message['role']!r}")
+            template = PromptTemplate.from_string(str(message["content"]),
+                                                  f"{path} (message {i})")
+            messages.append((str(message["role"]), template))
+        if messages[-1][0] == "assistant":
+            raise TemplateError(f"{path}: the last message is the assistant's; end with the "
+                                "user message the model should answer")
+        return cls(tuple(messages), (path,))
+
+    def render(self, context: Mapping[str, Any], where: str) -> list[Message]:
+        return [{"role": role, "content": template.render(context, where)}
+                for role, template in self.messages]
+
+    def render_text(self, context: Mapping[str, Any], where: str) -> str:
+        """Completion mode: the messages' texts, joined (a .txt prompt: just its text)."""
+        return "\n\n".join(template.render(context, where) for _, template in self.messages)
+
+
+def find_prompt(name: str | os.PathLike[str], search: list[Path], step: str) -> Path:
+    """A prompt file: absolute as given, else the first of the search folders that has it
+    (a pipeline's own prompts/ first, then default folders)."""
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        if path.is_file():
+            return path
+        raise TemplateError(f"step '{step}': prompt file not found: {path}")
+    tried = []
+    for folder in search:
+        candidate = folder / path
+        tried.append(str(candidate))
+        if candidate.is_file():
+            return candidate.resolve()
+    raise TemplateError(f"step '{step}': prompt file {str(path)!r} not found; looked in: "
+                        + ", ".join(tried))

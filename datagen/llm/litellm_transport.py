@@ -149,7 +149,11 @@ class LiteLLMTransport:
             kwargs["api_base"] = request.base_url
         started = time.perf_counter()
         try:
-            response = await litellm.acompletion(**kwargs)
+            if request.prompt is not None:  # text completion: a base model, a plain prompt
+                kwargs.pop("messages")
+                response = await litellm.atext_completion(prompt=request.prompt, **kwargs)
+            else:
+                response = await litellm.acompletion(**kwargs)
         except CallError:
             raise
         except Exception as exc:  # every provider failure is classified, none escapes raw

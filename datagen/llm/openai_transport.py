@@ -96,7 +96,9 @@ class OpenAITransport:
     def __init__(self, provider: str, base_url: str | None, api_key: str | None,
                  pool_size: int = 64) -> None:
         default_url, key_env = OPENAI_COMPATIBLE.get(provider, OPENAI_COMPATIBLE["openai"])
-        self.url = (base_url or default_url).rstrip("/") + "/chat/completions"
+        root = (base_url or default_url).rstrip("/")
+        self.url = root + "/chat/completions"
+        self.completions_url = root + "/completions"  # text completion, for base models
         key = api_key or os.environ.get(key_env)
         self._headers = {"Content-Type": "application/json"}
         if key:
@@ -120,6 +122,8 @@ class OpenAITransport:
         params = dict(request.params)
         extra = params.pop("extra_body", None) or {}  # the openai SDK's way: merged in
         model = request.model.split("/", 1)[1] if "/" in request.model else request.model
+        if request.prompt is not None:
+            return orjson.dumps({"model": model, "prompt": request.prompt, **params, **extra})
         return orjson.dumps({"model": model, "messages": request.messages, **params, **extra})
 
     async def complete(self, request: ChatRequest) -> Completion:
@@ -128,7 +132,8 @@ class OpenAITransport:
         session = self._open()
         started = time.perf_counter()
         try:
-            async with session.post(self.url, data=self._body(request),
+            url = self.completions_url if request.prompt is not None else self.url
+            async with session.post(url, data=self._body(request),
                                     timeout=aiohttp.ClientTimeout(total=request.timeout)
                                     ) as response:
                 raw = await response.read()

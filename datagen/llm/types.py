@@ -8,7 +8,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """One chat completion request."""
+    """One request: chat ``messages``, or a plain ``prompt`` for a text-completion
+    endpoint (base models) when ``prompt`` is set."""
 
     model: str
     messages: list[dict[str, str]]
@@ -16,6 +17,7 @@ class ChatRequest:
     api_key: str | None = field(default=None, repr=False)
     base_url: str | None = None
     timeout: float = 120.0
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
