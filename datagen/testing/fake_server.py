@@ -230,6 +230,10 @@ class FakeOpenAIServer:
             answer = fault if fault is not None else self.responder(body)
             reply = answer if isinstance(answer, FakeReply) else FakeReply(
                 body=completion_body(body, str(answer)))
+            if "prompt" in body and isinstance(reply.body, dict) and reply.body.get("choices"):
+                for choice in reply.body["choices"]:  # /v1/completions answers with text
+                    choice["text"] = choice.pop("message", {}).get("content", "")
+                reply.body["object"] = "text_completion"
             if reply.body is None:
                 reply.body = error_body(reply.status, f"fake error {reply.status}")
             delay = self.latency + reply.delay
