@@ -282,6 +282,7 @@ class Engine:
                 self._fail(state, step.name, failure)
                 return
             self.counts.step_done[step.name] += 1
+            self.ctx.display.step(step.name, self.counts.step_done[step.name])
             self._report_step(step.name)
             if step.one_to_many:
                 await self._fan_out(step, state, output, position)

@@ -18,6 +18,8 @@ class Display(Protocol):
 
     def update(self, done: int, failed: int) -> None: ...
 
+    def step(self, name: str, done: int) -> None: ...
+
     def close(self, done: int, failed: int, summary: str = "") -> None: ...
 
 
@@ -26,6 +28,9 @@ class NoDisplay:
         return None
 
     def update(self, done: int, failed: int) -> None:
+        return None
+
+    def step(self, name: str, done: int) -> None:
         return None
 
     def close(self, done: int, failed: int, summary: str = "") -> None:
@@ -40,17 +45,23 @@ def _rate(done: int, started: float) -> float:
 class PlainDisplay:
     """For logs and CI: a line at the start, one every 30 s, one at the end."""
 
-    def __init__(self, label: str, stream: Any = None) -> None:
+    def __init__(self, label: str, stream: Any = None, steps: list[str] | None = None) -> None:
         self.label = label
         self.stream = stream or sys.stderr
         self.total: int | None = None
         self.started = time.monotonic()
         self.last = self.started
+        self.steps: dict[str, int] = dict.fromkeys(steps or [], 0)
 
     def _line(self, done: int, failed: int) -> str:
         of = f"/{self.total}" if self.total is not None else ""
+        steps = ("; steps " + ", ".join(f"{k} {v}" for k, v in self.steps.items())
+                 if len(self.steps) > 1 else "")
         return (f"datagen {self.label}: {done + failed}{of} items, {done} done, {failed} failed, "
-                f"{_rate(done + failed, self.started):.1f} items/s")
+                f"{_rate(done + failed, self.started):.1f} items/s{steps}")
+
+    def step(self, name: str, done: int) -> None:
+        self.steps[name] = done
 
     def start(self, total: int | None) -> None:
         self.total = total
@@ -75,7 +86,8 @@ class PlainDisplay:
 class RichDisplay:
     """A live bar: items done/total, rate, failures, elapsed, ETA."""
 
-    def __init__(self, label: str, console: Any = None) -> None:
+    def __init__(self, label: str, console: Any = None, steps: list[str] | None = None
+                 ) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -100,11 +112,21 @@ class RichDisplay:
         self.label = label
         self.task: Any = None
         self.started = time.monotonic()
+        self.step_names = steps if steps and len(steps) > 1 else []
+        self.step_tasks: dict[str, Any] = {}
 
     def start(self, total: int | None) -> None:
         self.started = time.monotonic()
         self.progress.start()
         self.task = self.progress.add_task(self.label, total=total, failed=0, rate=0.0)
+        for i, name in enumerate(self.step_names):  # the first step sees every item
+            self.step_tasks[name] = self.progress.add_task(
+                f"  step {name}", total=total if i == 0 else None, failed=0, rate=0.0)
+
+    def step(self, name: str, done: int) -> None:
+        task = self.step_tasks.get(name)
+        if task is not None:
+            self.progress.update(task, completed=done, rate=_rate(done, self.started))
 
     def update(self, done: int, failed: int) -> None:
         self.progress.update(self.task, completed=done + failed, failed=failed,
@@ -119,10 +141,11 @@ class RichDisplay:
                                         highlight=False)
 
 
-def make_display(enabled: bool, label: str) -> Display:
-    """Rich on a terminal; plain lines when stderr is redirected; nothing when disabled."""
+def make_display(enabled: bool, label: str, steps: list[str] | None = None) -> Display:
+    """Rich on a terminal; plain lines when stderr is redirected; nothing when disabled.
+    With several steps, each step gets its own line (rich) or count (plain)."""
     if not enabled:
         return NoDisplay()
     if sys.stderr.isatty():
-        return RichDisplay(label)
-    return PlainDisplay(label)
+        return RichDisplay(label, steps=steps)
+    return PlainDisplay(label, steps=steps)

@@ -224,3 +224,29 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
     await gate.release()
     assert gate.in_flight == 0
     await asyncio.wait_for(gate.acquire(), 1)
+
+
+def test_displays_show_each_step() -> None:
+    import io
+    import re
+
+    from rich.console import Console
+
+    from datagen.progress import PlainDisplay, RichDisplay
+
+    out = io.StringIO()
+    rich = RichDisplay("qa", console=Console(file=out, force_terminal=True, width=120),
+                       steps=["question", "answer"])
+    rich.start(2)
+    rich.step("question", 2)
+    rich.step("answer", 3)
+    rich.close(3, 0)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    assert "step question" in text and "2/2" in text and "step answer" in text
+    plain_out = io.StringIO()
+    plain = PlainDisplay("qa", stream=plain_out, steps=["question", "answer"])
+    plain.start(2)
+    plain.step("question", 2)
+    plain.step("answer", 3)
+    plain.close(3, 0)
+    assert "steps question 2, answer 3" in plain_out.getvalue()
