@@ -257,3 +257,65 @@ def test_run_extract_function_is_refused_for_steps(tmp_path: Path) -> None:
     p = DataGenerationPipeline(config=QA / "config.yaml").step("j", prompt="judge.txt")
     with pytest.raises(ConfigError, match=r"per step"):
         p.run_sync(POOL, extract_function=str)
+
+
+def test_own_prompts_folder_first_then_default_folders(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "judge.txt").write_text("SHARED judge {{ answer }}")
+    (shared / "extra.txt").write_text("SHARED extra {{ answer }}")
+    project = tmp_path / "pipe"
+    (project / "prompts").mkdir(parents=True)
+    (project / "prompts" / "judge.txt").write_text("OWN judge {{ answer }}")
+    (project / "config.yaml").write_text(
+        "model: {provider: openai, model: m, max_retries: 0}\nrun: {progress: false}\n"
+        f"prompts: {{dirs: [{shared}]}}\noutput_data: {{output_dir: {tmp_path}/o}}\n")
+    with FakeOpenAIServer(responder=lambda body: "fine") as server:
+        p = (DataGenerationPipeline(config=project / "config.yaml", base_url=server.base_url)
+             .step("judge", prompt="judge.txt").step("extra", prompt="extra.txt"))
+        p.run_sync([{"answer": "a"}])
+        sent = [last_user_message(b) for b in server.bodies]
+    assert sent == ["OWN judge a", "SHARED extra a"]
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_steps import build
+from pathlib import Path
+build(sys.argv[1], Path(sys.argv[2])).run_sync({pool!r}, resume=True, concurrency_limit=2)
+"""
+
+
+def test_killed_after_the_first_step_resume_sends_nothing_for_it(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = Model()
+
+    def slow_answers(body: dict[str, Any]) -> Any:
+        from datagen.testing.fake_server import completion_body
+
+        if step_of(body) == "answer":  # the answers never come back before the kill
+            return FakeReply(body=completion_body(body, model(body)), delay=30)
+        return model(body)
+
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), pool=POOL)
+    with FakeOpenAIServer(responder=slow_answers) as server:
+        proc = subprocess.Popen([sys.executable, "-c", script, server.base_url, str(tmp_path)],
+                                env={**os.environ}, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and Counter(
+                step_of(b) for b in server.bodies)["answer"] < 2:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # both questions answered, answers in flight
+        proc.wait()
+        assert Counter(step_of(b) for b in server.bodies)["question"] == 2
+    with FakeOpenAIServer(responder=Model()) as server:
+        results = build(server.base_url, tmp_path).run_sync(POOL, resume=True)
+        sent = Counter(step_of(b) for b in server.bodies)
+    assert len(results) == 4
+    assert sent["question"] == 0 and sent["answer"] == 4
