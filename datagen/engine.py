@@ -118,7 +118,7 @@ class RunContext:
     done_keys: set[str] = field(default_factory=set)
     cache_salt: str = ""
     shutdown_timeout: float = 30.0
-    fatal_message: Callable[[CallError], str] = str
+    fatal_message: Callable[[CallError, str], str] = lambda err, model: str(err)
     manifest_base: dict[str, Any] = field(default_factory=dict)
     on_record: Callable[[dict[str, Any]], Any] | None = None  # sync or async
     observers: dict[str, list[Callable[[CallEvent], Any]]] = field(default_factory=dict)
@@ -340,7 +340,10 @@ class Engine:
                 event.error = f"{err.kind}: {err.message}"
                 self._observe("after", event)
                 if err.fatal:
-                    raise RunAbortedError(ctx.fatal_message(err), err.kind) from None
+                    message = ctx.fatal_message(err, request.model)
+                    if len(ctx.steps) > 1:
+                        message = f"step '{step.name}': {message}"
+                    raise RunAbortedError(message, err.kind) from None
                 raise StepFailed(err.kind, err.message, err.attempts, None) from None
             event.response, event.usage = completion.text, completion.usage.as_dict()
             event.latency_s, event.cached = completion.latency_s, attempts == 0

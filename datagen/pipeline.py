@@ -44,7 +44,9 @@ def _version() -> str:
 
 
 class DataGenerationPipeline:
-    """A single-step generation pipeline built from config.yaml and keyword overrides.
+    """A generation pipeline built from config.yaml and keyword overrides: the template's
+    single-step form (prompts.user_prompt_path + system_prompt_path), or the steps added
+    with :meth:`step`.
 
     ``config`` is the path of a YAML file (default ``./config.yaml``), a dict with the
     same sections, or ``None`` for keywords only. Every key can be overridden by a
@@ -289,8 +291,12 @@ class DataGenerationPipeline:
         async def produce() -> None:
             try:
                 await self.run(data_pool, collect=False, on_record=queue.put, **kwargs)
-            finally:
+            except asyncio.CancelledError:
+                raise  # the consumer left: nobody is waiting for the end marker
+            except BaseException:
                 await queue.put(finished)
+                raise
+            await queue.put(finished)
 
         task = asyncio.ensure_future(produce())
         try:
@@ -339,8 +345,7 @@ class DataGenerationPipeline:
             self._prompt = self._load_prompt()
         return SingleStepPlan(self.settings, self._prompt, extractor)
 
-    def _fatal_message(self, err: CallError) -> str:
-        m = self.settings.model
+    def _fatal_message(self, err: CallError, model: str) -> str:
         if err.kind == "auth":
             return (
                 f"the provider rejected the credentials ({err.status or 'auth'}): {err.message}. "
@@ -348,7 +353,7 @@ class DataGenerationPipeline:
                 "e.g. OPENAI_API_KEY) and that the key may use this model."
             )
         return (
-            f"model '{m.model_string()}' or its endpoint was not found "
+            f"model '{model}' or its endpoint was not found "
             f"({err.status or 404}): {err.message}. Check model.provider, model.model and "
             "model.base_url."
         )

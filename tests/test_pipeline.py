@@ -476,3 +476,14 @@ async def test_on_record_callback(project: Path, server: FakeOpenAIServer) -> No
 
     await pipeline(project, server).run(make_pool(5), on_record=keep)
     assert sorted(got) == [0, 1, 2, 3, 4]
+
+
+async def test_leaving_a_stream_with_a_full_queue_does_not_hang(
+    project: Path, server: FakeOpenAIServer
+) -> None:
+    p = pipeline(project, server)
+    stream = p.stream(make_pool(100), concurrency_limit=8)
+    first = await stream.__anext__()
+    await asyncio.sleep(0.3)  # the workers fill the queue (2 x 8) and block on it
+    await asyncio.wait_for(stream.aclose(), 5)
+    assert first["index"] >= 0
