@@ -31,7 +31,7 @@ from typing import Any
 
 from datagen import redact
 from datagen.cache import request_key
-from datagen.errors import DatagenError, DataPoolError, RunAbortedError, a_type
+from datagen.errors import DatagenError, RunAbortedError, a_type
 from datagen.llm.caller import Caller, CallStats
 from datagen.llm.errors import CallError
 from datagen.llm.types import ChatRequest, Completion
@@ -319,10 +319,14 @@ class Engine:
         where = f"item {state.item.index}" + (f" (key {state.key})" if "/" in state.key else "")
         context = {**state.context, **state.outputs}
         if step.input_processor is not None:
-            context = await call_user_function(step.input_processor, context)
+            try:  # the user's function, per item: what it raises fails this item only
+                context = await call_user_function(step.input_processor, context)
+            except Exception as exc:
+                raise StepFailed("input_processor", f"{type(exc).__name__}: {exc}", 0,
+                                 None) from None
             if not isinstance(context, Mapping):
-                raise DataPoolError(f"step '{step.name}': input_processor returned "
-                                    f"{a_type(context)}; it must return a dict")
+                raise StepFailed("input_processor", f"input_processor returned "
+                                 f"{a_type(context)}; it must return a dict", 0, None)
         error_message: str | None = None
         retries = 0
         while True:

@@ -319,3 +319,20 @@ def test_killed_after_the_first_step_resume_sends_nothing_for_it(tmp_path: Path)
         sent = Counter(step_of(b) for b in server.bodies)
     assert len(results) == 4
     assert sent["question"] == 0 and sent["answer"] == 4
+
+
+def test_input_processor_that_raises_fails_only_that_item(tmp_path: Path) -> None:
+    def shout(ctx: dict[str, Any]) -> dict[str, Any]:
+        if "Rivers" in ctx["text"]:
+            raise KeyError("missing field")
+        return {**ctx, "question": ctx["text"]}
+
+    with FakeOpenAIServer(responder=lambda body: "<answer>ok</answer>") as server:
+        p = (DataGenerationPipeline(config=QA / "config.yaml", base_url=server.base_url,
+                                    output_dir=str(tmp_path))
+             .step("answer", prompt="answer.yaml", input_processor=shout))
+        results = p.run_sync(POOL)
+    assert [r["item"]["text"] for r in results] == ["Bees make honey."]
+    (failure,) = lines(p.last_run_files.failures)
+    assert failure["error"]["kind"] == "input_processor"
+    assert "KeyError" in failure["error"]["message"] and failure["step"] == "answer"
