@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import orjson
@@ -85,7 +86,7 @@ def test_chunking_keeps_every_word_in_order(paragraphs: list[str], size: int) ->
     text = "\n\n".join(paragraphs)
     spans = chunk_spans(text, size)
     assert all(0 <= a < b <= len(text) for a, b in spans)
-    assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:], strict=False))
+    assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(spans))
     assert " ".join(text[a:b] for a, b in spans).split() == text.split()
 
 
