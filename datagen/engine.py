@@ -123,6 +123,7 @@ class RunContext:
     on_record: Callable[[dict[str, Any]], Any] | None = None  # sync or async
     observers: dict[str, list[Callable[[CallEvent], Any]]] = field(default_factory=dict)
     debug_dir: Path | None = None
+    meta_sink: JsonlSink | None = None
     progress_callback: Callable[[str, float, str], Any] | None = None
 
 
@@ -185,6 +186,8 @@ class Engine:
                     self._emit_progress(step.name)
             self.ctx.results_sink.close()
             self.ctx.failures_sink.close()
+            if self.ctx.meta_sink is not None:
+                self.ctx.meta_sink.close()
             self.ctx.display.close(self.counts.succeeded, self.counts.failed, self.summary())
             self.write_manifest(status, error)
             log.info("run %s: %s", status, self.summary())
@@ -354,8 +357,12 @@ class Engine:
             self._observe("after", event)
             kind, reason, output = await self._check(step, completion, context)
             trace = step_trace(completion, attempts, retries)
+            trace["messages" if prompt is None else "prompt"] = (messages if prompt is None
+                                                                 else prompt)
             if reason is None:
                 state.trace[step.name] = {**trace, "output": output}
+                if ctx.meta_sink is not None:
+                    self._write_meta(step.name, state.key, messages, prompt, completion)
                 return output
             if retries >= step.max_retries:
                 if completion.finish_reason == "length":
@@ -429,6 +436,19 @@ class Engine:
                     state.item.index, state.key, step, failure.kind, failure.attempts,
                     message[:300])
         self.ctx.display.update(self.counts.succeeded, self.counts.failed)
+
+    def _write_meta(self, step: str, key: str, messages: list[dict[str, str]] | None,
+                    prompt: str | None, completion: Completion) -> None:
+        """Meta-datagen: the accepted call as a training example for a model that could
+        replace this step."""
+        assert self.ctx.meta_sink is not None
+        example: dict[str, Any] = {"step": step, "key": key}
+        if prompt is None:
+            example["messages"] = [*(messages or []),
+                                   {"role": "assistant", "content": completion.text}]
+        else:
+            example.update(prompt=prompt, completion=completion.text)
+        self.ctx.meta_sink.write_line(dumps_line(example))
 
     def _observe(self, phase: str, event: CallEvent) -> None:
         for observer in self.ctx.observers.get(phase, ()):
@@ -515,7 +535,7 @@ def legacy_record(state: ItemState) -> dict[str, Any]:
     (trace,) = state.trace.values()
     return {**_legacy_inputs(state), "output": trace["output"],
             **{k: trace[k] for k in ("raw_response", "model", "finish_reason", "usage",
-                                     "latency_s", "attempts", "cached")}}
+                                     "latency_s", "attempts", "cached", "messages")}}
 
 
 def legacy_failure(state: ItemState, step: str, error: dict[str, Any]) -> dict[str, Any]:

@@ -248,6 +248,9 @@ class DataGenerationPipeline:
             debug_dir=files.results.with_name(files.results.stem + "_debug") if run.debug
             else None,
             progress_callback=progress_callback,
+            meta_sink=JsonlSink(files.results.with_name(files.results.stem + "_meta.jsonl"),
+                                self.settings.output_data.fsync_interval)
+            if run.meta_datagen else None,
             manifest_base={"datagen_version": _version(), "model": model.model_string(),
                            "extractor": plan.extractor_name, "fingerprint": plan.fingerprint,
                            "resumed": bool(done_keys), "config": self.settings.public_dict()},
