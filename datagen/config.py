@@ -66,6 +66,9 @@ class ModelConfig(_Section):
     top_logprobs: int | None = None
     reasoning_effort: str | None = None
     response_format: dict[str, Any] | None = None
+    # Prices in dollars per million tokens; default: litellm's local price map.
+    input_cost_per_million: float | None = Field(default=None, ge=0)
+    output_cost_per_million: float | None = Field(default=None, ge=0)
     # Anything else the provider takes, passed to litellm as it is.
     extra_params: dict[str, Any] = Field(default_factory=dict)
     # Send the extractor's output constraint (GBNF grammar / JSON format) with each request.

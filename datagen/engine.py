@@ -414,6 +414,8 @@ class Engine:
         if ctx.collect:
             self.results[(state.item.index, state.fanout)] = record
         ctx.display.update(self.counts.succeeded, self.counts.failed)
+        stats = self.stats()
+        ctx.display.usage(stats.prompt_tokens + stats.completion_tokens, stats.cost_usd)
         if ctx.on_record is not None:
             self._pending_callbacks.append(record)
 
@@ -495,7 +497,8 @@ class Engine:
         return (f"{c.succeeded} succeeded, {c.failed} failed{f' ({by_kind})' if by_kind else ''}"
                 f"{skipped}; {s.requests} requests, {s.retries} retries, {s.rate_limited} "
                 f"rate-limited (429), {s.cache_hits} cache hits; "
-                f"{s.prompt_tokens} prompt + {s.completion_tokens} completion tokens")
+                f"{s.prompt_tokens} prompt + {s.completion_tokens} completion tokens"
+                f"{f', ${s.cost_usd:.4f}' if s.cost_usd is not None else ', cost unknown'}")
 
     def write_manifest(self, status: str, error: dict[str, str] | None) -> None:
         c, s = self.counts, self.stats()
@@ -520,6 +523,7 @@ class Engine:
                       "cache_hits": s.cache_hits, "cache_misses": s.cache_misses},
             "tokens": {"prompt": s.prompt_tokens, "completion": s.completion_tokens,
                        "total": s.prompt_tokens + s.completion_tokens},
+            "cost_usd": round(s.cost_usd, 6) if s.cost_usd is not None else None,
             "timings": {
                 "duration_s": round(elapsed, 3),
                 "items_per_s": round(finished / elapsed, 3) if elapsed > 0 else None,
@@ -577,4 +581,6 @@ def combined_stats(callers: list[Caller]) -> CallStats:
         total.completion_tokens += s.completion_tokens
         total.cache_hits += s.cache_hits
         total.cache_misses += s.cache_misses
+        total.cost_usd = (None if total.cost_usd is None or s.cost_usd is None
+                          else total.cost_usd + s.cost_usd)
     return total

@@ -72,8 +72,9 @@ class TagExtractor(Extractor[str]):
         return f'root ::= "<{t}>" [ \\t\\n]* [^< \\t\\n] {rest} "</{t}>"\n'
 
     def constraint(self, max_tokens: int | None = None) -> dict[str, Any] | None:
-        # ~3 characters per token leaves room for the closing tag in any English text
-        max_chars = None if max_tokens is None else max(16, (max_tokens - 8) * 3)
+        # ~3 characters per token, after ~16 tokens for the two tags and any leading
+        # whitespace, leaves room for the closing tag in any English text
+        max_chars = None if max_tokens is None else max(16, (max_tokens - 16) * 3)
         return {"grammar": self.gbnf(max_chars)}
 
     def extract(self, text: str) -> str:

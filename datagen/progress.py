@@ -20,6 +20,8 @@ class Display(Protocol):
 
     def step(self, name: str, done: int) -> None: ...
 
+    def usage(self, tokens: int, cost: float | None) -> None: ...
+
     def close(self, done: int, failed: int, summary: str = "") -> None: ...
 
 
@@ -31,6 +33,9 @@ class NoDisplay:
         return None
 
     def step(self, name: str, done: int) -> None:
+        return None
+
+    def usage(self, tokens: int, cost: float | None) -> None:
         return None
 
     def close(self, done: int, failed: int, summary: str = "") -> None:
@@ -52,13 +57,20 @@ class PlainDisplay:
         self.started = time.monotonic()
         self.last = self.started
         self.steps: dict[str, int] = dict.fromkeys(steps or [], 0)
+        self.tokens: int = 0
+        self.cost: float | None = None
+
+    def usage(self, tokens: int, cost: float | None) -> None:
+        self.tokens, self.cost = tokens, cost
 
     def _line(self, done: int, failed: int) -> str:
         of = f"/{self.total}" if self.total is not None else ""
         steps = ("; steps " + ", ".join(f"{k} {v}" for k, v in self.steps.items())
                  if len(self.steps) > 1 else "")
+        money = f", ${self.cost:.4f}" if self.cost else ""
         return (f"datagen {self.label}: {done + failed}{of} items, {done} done, {failed} failed, "
-                f"{_rate(done + failed, self.started):.1f} items/s{steps}")
+                f"{_rate(done + failed, self.started):.1f} items/s, {self.tokens} tokens{money}"
+                f"{steps}")
 
     def step(self, name: str, done: int) -> None:
         self.steps[name] = done
@@ -104,6 +116,7 @@ class RichDisplay:
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:.1f} items/s"),
             TextColumn("[red]{task.fields[failed]} failed"),
+            TextColumn("{task.fields[usage]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console or Console(stderr=True),
@@ -118,10 +131,16 @@ class RichDisplay:
     def start(self, total: int | None) -> None:
         self.started = time.monotonic()
         self.progress.start()
-        self.task = self.progress.add_task(self.label, total=total, failed=0, rate=0.0)
+        self.task = self.progress.add_task(self.label, total=total, failed=0, rate=0.0,
+                                           usage="")
         for i, name in enumerate(self.step_names):  # the first step sees every item
             self.step_tasks[name] = self.progress.add_task(
-                f"  step {name}", total=total if i == 0 else None, failed=0, rate=0.0)
+                f"  step {name}", total=total if i == 0 else None, failed=0, rate=0.0,
+                usage="")
+
+    def usage(self, tokens: int, cost: float | None) -> None:
+        money = f" ${cost:.4f}" if cost else ""
+        self.progress.update(self.task, usage=f"{tokens} tok{money}")
 
     def step(self, name: str, done: int) -> None:
         task = self.step_tasks.get(name)

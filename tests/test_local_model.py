@@ -136,5 +136,5 @@ def test_local_with_base_url_means_an_openai_compatible_server() -> None:
 
 def test_tag_grammar_is_bounded_by_the_token_budget() -> None:
     grammar = extract.tag("draft").constraint(max_tokens=100)
-    assert grammar is not None and "[^<]{0,275}" in grammar["grammar"]
+    assert grammar is not None and "[^<]{0,251}" in grammar["grammar"]
     assert "[^<]*" in extract.tag("draft").gbnf()

@@ -41,6 +41,7 @@ class CallStats:
     completion_tokens: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    cost_usd: float | None = 0.0  # None once a call of unknown price was made
 
 
 def estimate_tokens(request: ChatRequest) -> int:
@@ -63,6 +64,7 @@ class Caller:
     max_retries: int = 3
     stats: CallStats = field(default_factory=CallStats)
     cache: ResponseCache | None = None
+    prices: tuple[float, float] | None = None  # dollars per input / output token
 
     async def call(self, request: ChatRequest, cache_key: str | None = None
                    ) -> tuple[Completion, int]:
@@ -106,6 +108,11 @@ class Caller:
                 self.cache.put(cache_key, completion)  # before parsing: never paid twice
             self.stats.prompt_tokens += completion.usage.prompt_tokens
             self.stats.completion_tokens += completion.usage.completion_tokens
+            if self.prices is None:
+                self.stats.cost_usd = None
+            elif self.stats.cost_usd is not None:
+                self.stats.cost_usd += (completion.usage.prompt_tokens * self.prices[0]
+                                        + completion.usage.completion_tokens * self.prices[1])
             return completion, attempt
 
     def _delay(self, err: CallError, attempt: int) -> float:

@@ -121,4 +121,7 @@ def make_caller(m: ModelConfig, concurrency: int, cache: Any) -> Caller:
     throttle = Throttle(m.rate_limit, requests_per_minute=m.requests_per_minute,
                         tokens_per_minute=m.tokens_per_minute, concurrency=concurrency,
                         slack=transport.name != "litellm")
-    return Caller(transport, throttle, max_retries=m.max_retries, cache=cache)
+    from datagen.costs import prices_for
+
+    return Caller(transport, throttle, max_retries=m.max_retries, cache=cache,
+                  prices=prices_for(m))

@@ -1,0 +1,56 @@
+"""Prices per token: from litellm's local price map, or the config's own numbers.
+
+The map is read as the JSON file litellm ships (``model_prices_and_context_window_backup
+.json``), without importing litellm: the fast transport never pays litellm's import time,
+and nothing reaches for the network. ``model.input_cost_per_million`` and
+``output_cost_per_million`` in config override it (and price any model it lacks, e.g. a
+self-hosted one; the embedded model costs nothing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from datagen.config import ModelConfig
+
+Prices = tuple[float, float]  # dollars per input token, per output token
+
+
+@lru_cache(maxsize=1)
+def price_map() -> dict[str, Any]:
+    spec = importlib.util.find_spec("litellm")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "model_prices_and_context_window_backup.json"
+        if path.is_file():
+            data: dict[str, Any] = orjson.loads(path.read_bytes())
+            return data
+    return {}
+
+
+def prices_for(m: ModelConfig) -> Prices | None:
+    """Dollars per token for a model, or None when its price is unknown."""
+    if m.input_cost_per_million is not None or m.output_cost_per_million is not None:
+        return ((m.input_cost_per_million or 0.0) / 1e6, (m.output_cost_per_million or 0.0) / 1e6)
+    if m.is_embedded() or m.provider == "fake":
+        return (0.0, 0.0)
+    # A name the map knows is priced even behind a base_url (a proxy or gateway); a
+    # self-hosted model's name is not in it, and its price stays unknown.
+    prices = price_map()
+    name = m.model.removeprefix(f"{m.provider}/")
+    for key in (f"{m.provider}/{name}", name):
+        entry = prices.get(key)
+        if isinstance(entry, dict) and "input_cost_per_token" in entry:
+            return (float(entry["input_cost_per_token"]),
+                    float(entry.get("output_cost_per_token", 0.0)))
+    return None
+
+
+def cost(prices: Prices | None, prompt_tokens: int, completion_tokens: int) -> float | None:
+    if prices is None:
+        return None
+    return prompt_tokens * prices[0] + completion_tokens * prices[1]
