@@ -208,6 +208,39 @@ class CodeBlockExtractor(Extractor[str]):
         raise ExtractionError(f"no {lang} code block in the response: {_preview(text)!r}")
 
 
+class ChoiceExtractor(Extractor[str]):
+    """Which of a few options the response gives (the first one it names, as a whole
+    word, case-insensitively), returned as written in ``options``. Its constraint is a
+    grammar that allows exactly one option: classification by a small model."""
+
+    def __init__(self, *options: str) -> None:
+        if len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
+            raise ValueError("choice() needs at least two non-empty options")
+        self.options = options
+        self.name = f"choice({'|'.join(options)})"
+        alternatives = "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
+        self._pattern = re.compile(rf"(?<!\w)({alternatives})(?!\w)", re.IGNORECASE)
+
+    def gbnf(self) -> str:
+        return "root ::= " + " | ".join(_json.dumps(o) for o in self.options) + "\n"
+
+    def constraint(self, max_tokens: int | None = None) -> dict[str, Any] | None:
+        return {"grammar": self.gbnf()}
+
+    def extract(self, text: str) -> str:
+        match = self._pattern.search(text)
+        if match is None:
+            raise ExtractionError(f"none of {', '.join(self.options)} in the response: "
+                                  f"{_preview(text)!r}")
+        found = match.group(1).lower()
+        return next(o for o in self.options if o.lower() == found)
+
+
+def choice(*options: str) -> ChoiceExtractor:
+    """Extract which of ``options`` the response names (e.g. choice("PASS", "FAIL"))."""
+    return ChoiceExtractor(*options)
+
+
 def tag(name: str) -> TagExtractor:
     """Extract the text of the first complete ``<name>...</name>`` block, stripped."""
     return TagExtractor(name)

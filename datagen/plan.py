@@ -134,10 +134,11 @@ class StepsPlan:
         names (checked statically: later steps' values do not exist yet). A step with an
         input_processor is not checked: it may add fields."""
         available = set(item.user_kwargs) | {"error_message"} | self._globals
+        done: list[str] = []
         for step in self.steps:
             if step.input_processor is None:
                 missing = sorted(step.prompt.variables - available)
-                if missing:
+                if missing and not self._renders(step, item, done):
                     files = ", ".join(str(f) for f in step.prompt.files)
                     keys = ", ".join(sorted(map(str, item.user_kwargs))) or "none"
                     raise TemplateError(
@@ -145,6 +146,18 @@ class StepsPlan:
                         f"undefined for item {item.index}: neither a field of the item (its "
                         f"keys: {keys}) nor the name of an earlier step")
             available.add(step.name)
+            done.append(step.name)
+
+    @staticmethod
+    def _renders(step: Step, item: PoolItem, earlier: list[str]) -> bool:
+        """Whether the template renders anyway (its missing names guarded with
+        ``is defined`` or ``default``), with stand-ins for earlier steps' outputs."""
+        context = {**item.user_kwargs, **dict.fromkeys(earlier, ""), "error_message": None}
+        try:
+            step.prompt.render(context, f"step '{step.name}', item {item.index}")
+        except TemplateError:
+            return False
+        return True
 
     def runtimes(self, callers: dict[str | None, Caller]) -> list[StepRuntime]:
         out = []

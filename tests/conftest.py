@@ -64,3 +64,33 @@ def project(tmp_path: Path) -> Path:
 def server() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer(responder=topic_draft) as srv:
         yield srv
+
+
+UNREACHABLE = "http://127.0.0.1:9/v1"  # replay never connects; a leak fails loudly here
+
+
+def recording_responder(body: dict[str, Any]) -> str:
+    """Stand-in answers when recording without a real server (DATAGEN_RECORD=1 alone)."""
+    import orjson
+
+    prompt = last_user_message(body)
+    match = re.search(r"quiz question about (.+?) for", prompt)
+    if match:
+        answer = {"question": f"What is the key idea of {match.group(1)}?",
+                  "answer": f"The key idea of {match.group(1)}.", "difficulty": 3}
+        return "Here is the question:\n```json\n" + orjson.dumps(answer).decode() + "\n```"
+    return topic_draft(body)
+
+
+@pytest.fixture
+def base_url() -> Iterator[str]:
+    """Where requests go: a live server while recording, nowhere while replaying."""
+    from datagen.testing.cassettes import recording_requested
+
+    if not recording_requested():
+        yield UNREACHABLE
+    elif os.environ.get("DATAGEN_RECORD_BASE_URL"):
+        yield os.environ["DATAGEN_RECORD_BASE_URL"]
+    else:
+        with FakeOpenAIServer(responder=recording_responder) as server:
+            yield server.base_url

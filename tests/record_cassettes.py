@@ -1,5 +1,8 @@
 """Re-record tests/cassettes from a real model over real HTTP (`make cassettes`).
 
+Each cassette the selected tests use is overwritten; extra arguments go to pytest
+(e.g. `-k poems` re-records one).
+
 Serves SmolLM2-135M-Instruct with ``python -m llama_cpp.server`` on 127.0.0.1 (a free
 port), runs ``tests/test_replay.py`` in record mode against it through datagen's normal
 litellm ``openai/`` path, then stops the server. Needs ``make local`` (extras local and
@@ -50,12 +53,11 @@ def main() -> int:
     )
     try:
         wait_ready(f"http://127.0.0.1:{port}/v1/models", server)
-        for old in (ROOT / "tests" / "cassettes").glob("*.yaml"):
-            old.unlink()
         record_env = {**env, "DATAGEN_RECORD": "1",
                       "DATAGEN_RECORD_BASE_URL": f"http://127.0.0.1:{port}/v1"}
-        return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                str(ROOT / "tests" / "test_replay.py")], env=record_env,
+        return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sys.argv[1:],
+                                str(ROOT / "tests" / "test_replay.py"),
+                                str(ROOT / "tests" / "test_examples.py")], env=record_env,
                                cwd=ROOT)
     finally:
         server.terminate()

@@ -133,3 +133,14 @@ def test_code_block_by_language() -> None:
 def test_extractor_rejects_non_text() -> None:
     with pytest.raises(ExtractionError, match="expected text"):
         extract.tag("draft")(None)  # type: ignore[arg-type]
+
+
+def test_choice_extractor_and_its_grammar() -> None:
+    ex = extract.choice("PASS", "FAIL")
+    assert ex("Verdict: pass, clearly.") == "PASS"
+    assert ex("FAIL. (It would PASS otherwise.)") == "FAIL"
+    assert ex.constraint() == {"grammar": 'root ::= "PASS" | "FAIL"\n'}
+    with pytest.raises(ExtractionError, match="none of PASS, FAIL"):
+        ex("PASSED with FAILURES")  # whole words only
+    with pytest.raises(ValueError):
+        extract.choice("only one")

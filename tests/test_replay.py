@@ -10,24 +10,19 @@ fake server instead.
 from __future__ import annotations
 
 import importlib.util
-import os
-import re
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import orjson
 import pytest
-from conftest import topic_draft
+from conftest import UNREACHABLE
 
-from datagen.testing import FakeOpenAIServer
 from datagen.testing.cassettes import SECRET_HEADERS, make_vcr, recording_requested
 from datagen.testing.fake_server import last_user_message
 
 ROOT = Path(__file__).resolve().parent.parent
 CASSETTES = Path(__file__).resolve().parent / "cassettes"
-UNREACHABLE = "http://127.0.0.1:9/v1"  # replay never connects; a leak fails loudly here
 
 
 def load_example(name: str) -> ModuleType:
@@ -37,28 +32,6 @@ def load_example(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def recording_responder(body: dict[str, Any]) -> str:
-    prompt = last_user_message(body)
-    match = re.search(r"quiz question about (.+?) for", prompt)
-    if match:
-        answer = {"question": f"What is the key idea of {match.group(1)}?",
-                  "answer": f"The key idea of {match.group(1)}.", "difficulty": 3}
-        return "Here is the question:\n```json\n" + orjson.dumps(answer).decode() + "\n```"
-    return topic_draft(body)
-
-
-@pytest.fixture
-def base_url() -> Iterator[str]:
-    """Where requests go: a live server while recording, nowhere while replaying."""
-    if not recording_requested():
-        yield UNREACHABLE
-    elif os.environ.get("DATAGEN_RECORD_BASE_URL"):
-        yield os.environ["DATAGEN_RECORD_BASE_URL"]
-    else:
-        with FakeOpenAIServer(responder=recording_responder) as server:
-            yield server.base_url
 
 
 @pytest.fixture
