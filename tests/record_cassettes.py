@@ -55,10 +55,9 @@ def main() -> int:
         wait_ready(f"http://127.0.0.1:{port}/v1/models", server)
         record_env = {**env, "DATAGEN_RECORD": "1",
                       "DATAGEN_RECORD_BASE_URL": f"http://127.0.0.1:{port}/v1"}
-        return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *sys.argv[1:],
-                                str(ROOT / "tests" / "test_replay.py"),
-                                str(ROOT / "tests" / "test_examples.py")], env=record_env,
-                               cwd=ROOT)
+        tests = [str(ROOT / "tests" / name) for name in ("test_replay.py", "test_examples.py")]
+        return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                *sys.argv[1:], *tests], env=record_env, cwd=ROOT)
     finally:
         server.terminate()
         server.wait(30)
