@@ -55,7 +55,8 @@ def main() -> int:
         wait_ready(f"http://127.0.0.1:{port}/v1/models", server)
         record_env = {**env, "DATAGEN_RECORD": "1",
                       "DATAGEN_RECORD_BASE_URL": f"http://127.0.0.1:{port}/v1"}
-        tests = [str(ROOT / "tests" / name) for name in ("test_replay.py", "test_examples.py")]
+        tests = [str(ROOT / "tests" / "test_replay.py"),
+                 *map(str, sorted((ROOT / "examples").glob("*/test_*.py")))]
         return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                 *sys.argv[1:], *tests], env=record_env, cwd=ROOT)
     finally:

@@ -1,0 +1,44 @@
+"""The style clone example, end to end, replayed from the cassette beside this file.
+
+The cassette holds real SmolLM2-135M-Instruct output (recorded by `make cassettes` from
+`python -m llama_cpp.server`). Replay needs no server and no network; with
+DATAGEN_RECORD=1 it re-records against DATAGEN_RECORD_BASE_URL. Copy this folder and this
+test comes with it: it needs only datagen's pytest plugin (`datagen_cassette`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+HERE = Path(__file__).resolve().parent
+BASE_URL = os.environ.get("DATAGEN_RECORD_BASE_URL", "http://127.0.0.1:8080/v1")
+_spec = importlib.util.spec_from_file_location("style_clone_pipeline", HERE / "pipeline.py")
+assert _spec and _spec.loader
+example = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(example)
+
+
+def run(tmp_path: Path) -> tuple[Any, Any, list[Any]]:
+    pipeline = example.build(base_url=BASE_URL, constrain_output=True, temperature=0.0,
+                             max_retries=0, output_dir=str(tmp_path), progress=False)
+    return example, pipeline, pipeline.run_sync(example.data_pool(pipeline))
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def test_style_clone(datagen_cassette: Any, tmp_path: Path) -> None:
+    example, pipeline, results = run(tmp_path)
+    assert results and all(set(r["steps"]) == {"repair", "generic"} for r in results)
+    exported = lines(example.export(pipeline.last_run_files.results))
+    assert len(exported) == len(results)
+    pairs = {(e["conversations"][0]["value"], e["conversations"][1]["value"]) for e in exported}
+    assert pairs == {(r["steps"]["generic"]["output"], r["steps"]["repair"]["output"])
+                     for r in results}
+    assert all(e["conversations"][0]["from"] == "human" for e in exported)
