@@ -72,8 +72,8 @@ class ModelConfig(_Section):
     # Anything else the provider takes, passed to litellm as it is.
     extra_params: dict[str, Any] = Field(default_factory=dict)
     # Send the extractor's output constraint (GBNF grammar / JSON format) with each request.
-    # None: only to the embedded local model, which needs it; True: always (llama.cpp
-    # servers take `grammar`); False: never.
+    # None: only to the local model (provider: local), embedded or served by llama.cpp
+    # (as `grammar` in the body); True: always; False: never.
     constrain_output: bool | None = None
 
     @field_validator("api_key", "base_url", mode="before")

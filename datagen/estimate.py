@@ -1,7 +1,7 @@
 """The dry run: what a run would send, cost and take, with nothing sent.
 
 Every prompt of the pool is rendered (or a seeded sample, extrapolated to the pool) and
-its tokens counted: with the embedded model's own tokenizer for ``local/...``, with
+its tokens counted: with the local model's own tokenizer for ``provider: local``, with
 cl100k_base (offline) for everything else, plus the chat format's per-message overhead.
 Completion tokens are bounded by ``max_tokens``; the cost is given for that bound and for
 half of it (a typical answer). Steps after the first are rendered with stand-in outputs
@@ -30,7 +30,7 @@ Counter = Callable[[list[dict[str, str]] | None, str | None], int]
 
 def token_counter(m: ModelConfig) -> Counter:
     """(messages, prompt) -> prompt tokens, as the model will see them."""
-    if m.is_embedded():
+    if m.provider == "local":  # embedded, or served by llama.cpp: the same tokenizer
         try:
             from datagen.llm.local import runtime
 

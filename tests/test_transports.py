@@ -148,3 +148,15 @@ print("litellm" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_local_model_served_over_http_gets_the_grammar(project: Path) -> None:
+    with FakeOpenAIServer(responder=lambda body: "<draft>x</draft>") as server:
+        p = DataGenerationPipeline(config=project, provider="local", model="smollm2",
+                                   base_url=server.base_url, cache=False)
+        p.run_sync(make_pool(1), extract_function=extract.tag("draft"))
+        assert server.bodies[0]["grammar"].startswith('root ::= "<draft>"')
+        assert server.bodies[0]["model"] == "smollm2"
+        plain = DataGenerationPipeline(config=project, base_url=server.base_url, cache=False)
+        plain.run_sync(make_pool(1), extract_function=extract.tag("draft"))
+        assert "grammar" not in server.bodies[1]  # an OpenAI model gets no grammar

@@ -72,7 +72,9 @@ def constraint_params(m: ModelConfig, extractor: Any, sampling: dict[str, Any]
                       ) -> dict[str, Any]:
     """The extractor's output constraint, for models that take one (model.constrain_output);
     never replaces a grammar or format the user set."""
-    wanted = m.is_embedded() if m.constrain_output is None else m.constrain_output
+    # auto: the local model needs it, embedded or served by llama.cpp (provider: local
+    # with a base_url); other models follow format instructions on their own
+    wanted = m.provider == "local" if m.constrain_output is None else m.constrain_output
     constraint = getattr(extractor, "constraint", None)
     params = constraint(sampling.get("max_tokens") or sampling.get("max_completion_tokens")) \
         if wanted and callable(constraint) else None
