@@ -61,6 +61,9 @@ class DataGenerationPipeline:
         **overrides: Any,
     ) -> None:
         self.settings: Settings = load_settings(config, overrides)
+        self._config_source: Any = (Path(config).expanduser().resolve()
+                                    if isinstance(config, (str, PathLike)) else config)
+        self._overrides = dict(overrides)
         api_key = self.settings.model.api_key
         redact.register(api_key.get_secret_value() if api_key else None)
         redact.register_environment()
@@ -84,9 +87,22 @@ class DataGenerationPipeline:
         """An extractor returning the stripped text of the first ``<pattern_name>`` block."""
         return extract_mod.make_default_extractor(pattern_name)
 
+    def with_overrides(self, **overrides: Any) -> DataGenerationPipeline:
+        """A copy of this pipeline (its steps and observers too) with more overrides,
+        e.g. from the command line's ``--set``."""
+        copy = DataGenerationPipeline(self._config_source, **{**self._overrides, **overrides})
+        copy._steps = list(self._steps)
+        copy._observers = {k: list(v) for k, v in self._observers.items()}
+        return copy
+
     def transport_name(self) -> str:
         """'openai' (the fast aiohttp path) or 'litellm', as model.transport resolves."""
         return runtime.transport_name(self.settings.model)
+
+    @property
+    def step_names(self) -> list[str]:
+        """The names of the steps added with :meth:`step` (empty: the single-step form)."""
+        return [step.name for step in self._steps]
 
     # ---- multi-step builder ----------------------------------------------------------
 

@@ -43,6 +43,23 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], seconds: float = 60) -> 
     raise SystemExit(f"llama_cpp.server did not answer at {url} within {seconds:.0f}s")
 
 
+def record_scaffold(env: dict[str, str]) -> int:
+    """`datagen init`'s template ships a cassette too: record it in a scaffolded copy."""
+    import shutil
+    import tempfile
+
+    from datagen.scaffold import TEMPLATE, create
+
+    folder = create(Path(tempfile.mkdtemp()) / "scaffold")
+    code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            str(folder / "test_pipeline.py")], env=env, cwd=folder)
+    if code == 0:
+        (TEMPLATE / "cassettes").mkdir(exist_ok=True)
+        shutil.copy(folder / "cassettes" / "test_pipeline.yaml",
+                    TEMPLATE / "cassettes" / "test_pipeline.yaml")
+    return code
+
+
 def main() -> int:
     port = free_port()
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -57,8 +74,9 @@ def main() -> int:
                       "DATAGEN_RECORD_BASE_URL": f"http://127.0.0.1:{port}/v1"}
         tests = [str(ROOT / "tests" / "test_replay.py"),
                  *map(str, sorted((ROOT / "examples").glob("*/test_*.py")))]
-        return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                 *sys.argv[1:], *tests], env=record_env, cwd=ROOT)
+        return code or record_scaffold(record_env)
     finally:
         server.terminate()
         server.wait(30)

@@ -18,11 +18,17 @@ import orjson
 import pytest
 from conftest import UNREACHABLE
 
+from datagen.folder import load_folder
 from datagen.testing.cassettes import SECRET_HEADERS, make_vcr, recording_requested
 from datagen.testing.fake_server import last_user_message
 
 ROOT = Path(__file__).resolve().parent.parent
 CASSETTES = Path(__file__).resolve().parent / "cassettes"
+
+
+def pipe(name: str, **overrides: Any) -> Any:
+    """The example's pipeline, loaded the way `datagen run` loads it."""
+    return load_folder(ROOT / "examples" / name, **overrides).pipeline
 
 
 def load_example(name: str) -> ModuleType:
@@ -31,6 +37,7 @@ def load_example(name: str) -> ModuleType:
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.NAME = name
     return module
 
 
@@ -59,8 +66,8 @@ def recorded_answers(cassette: Any) -> dict[str, str]:
 
 async def test_five_topics_example(base_url: str, cassette: Any, tmp_path: Path) -> None:
     example = load_example("five_topics")
-    pipeline = example.build(**overrides(base_url, tmp_path))
-    results = await pipeline.run(example.data_pool(), concurrency_limit=5,
+    pipeline = pipe("five_topics", **overrides(base_url, tmp_path))
+    results = await pipeline.run(example.data_pool(None), concurrency_limit=5,
                                  extract_function=pipeline.make_default_extractor("draft"))
     assert [r["user_prompt_kwargs"]["topic"] for r in results] == example.TOPICS
     for record in results:
@@ -75,10 +82,10 @@ async def test_custom_parser_example(base_url: str, cassette: Any, tmp_path: Pat
     example = load_example("custom_parser")
     # llama.cpp servers take a schema as json_object + schema (OpenAI's json_schema form is
     # what the example ships, for API models and the embedded model)
-    schema = example.build().settings.model.response_format["json_schema"]["schema"]
-    pipeline = example.build(**overrides(base_url, tmp_path, response_format={
+    schema = pipe("custom_parser").settings.model.response_format["json_schema"]["schema"]
+    pipeline = pipe(example.NAME, **overrides(base_url, tmp_path, response_format={
         "type": "json_object", "schema": schema}))
-    results = await pipeline.run(example.data_pool(), concurrency_limit=3,
+    results = await pipeline.run(example.data_pool(None), concurrency_limit=3,
                                  parse_response=example.parse_response)
     assert len(results) == 3
     for record in results:
@@ -89,7 +96,7 @@ async def test_custom_parser_example(base_url: str, cassette: Any, tmp_path: Pat
 async def test_concurrent_requests_replay_their_own_answers(base_url: str, cassette: Any,
                                                             tmp_path: Path) -> None:
     example = load_example("five_topics")
-    pipeline = example.build(**overrides(base_url, tmp_path, max_tokens=40,
+    pipeline = pipe(example.NAME, **overrides(base_url, tmp_path, max_tokens=40,
                                          constrain_output=False))
     pool = [{"user_prompt_kwargs": {"topic": f"subject number {i}", "word_count": "20 words"},
              "system_prompt_kwargs": {"tone": "plain"}} for i in range(24)]
@@ -104,7 +111,7 @@ async def test_concurrent_requests_replay_their_own_answers(base_url: str, casse
 
 async def test_a_request_missing_from_the_cassette_fails_fast(tmp_path: Path) -> None:
     example = load_example("five_topics")
-    pipeline = example.build(**overrides(UNREACHABLE, tmp_path))
+    pipeline = pipe(example.NAME, **overrides(UNREACHABLE, tmp_path))
     pool = [{"user_prompt_kwargs": {"topic": "never recorded", "word_count": "1 word"},
              "system_prompt_kwargs": {"tone": "plain"}}]
     with make_vcr(CASSETTES, record=False).use_cassette("test_five_topics_example.yaml"):
@@ -130,9 +137,9 @@ async def test_the_recorded_cassette_replays_through_either_transport(
     if recording_requested():
         pytest.skip("replay only")
     example = load_example("five_topics")
-    pipeline = example.build(**overrides(UNREACHABLE, tmp_path, transport=transport))
+    pipeline = pipe(example.NAME, **overrides(UNREACHABLE, tmp_path, transport=transport))
     with make_vcr(CASSETTES, record=False).use_cassette("test_five_topics_example.yaml") as cas:
-        results = await pipeline.run(example.data_pool(), concurrency_limit=5,
+        results = await pipeline.run(example.data_pool(None), concurrency_limit=5,
                                      extract_function=pipeline.make_default_extractor("draft"))
         assert cas.play_count == 5
     assert [r["user_prompt_kwargs"]["topic"] for r in results] == example.TOPICS

@@ -1,5 +1,6 @@
 """A custom ``parse_response``: any function ``str -> value`` (sync or async) will do.
 
+    datagen run examples/custom_parser
     python examples/custom_parser/pipeline.py base_url=http://127.0.0.1:8000/v1
 
 The parser below finds the JSON in the response (models like to add prose and code
@@ -9,13 +10,11 @@ the message, in ``*_failures.jsonl``; the run goes on.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
 
 from datagen import DataGenerationPipeline
-from datagen.config import parse_overrides
 from datagen.extract import find_json
 
 HERE = Path(__file__).resolve().parent
@@ -37,22 +36,15 @@ def parse_response(text: str) -> dict[str, Any]:
             "difficulty": difficulty}
 
 
-def data_pool() -> list[dict[str, Any]]:
+def build(pipeline: DataGenerationPipeline | None = None) -> DataGenerationPipeline:
+    return pipeline or DataGenerationPipeline(config=HERE / "config.yaml")
+
+
+def data_pool(pipeline: DataGenerationPipeline) -> list[dict[str, Any]]:
     return [{"user_prompt_kwargs": {"topic": topic, "level": level}} for topic, level in TOPICS]
 
 
-def build(**overrides: Any) -> DataGenerationPipeline:
-    return DataGenerationPipeline(config=HERE / "config.yaml", **overrides)
+if __name__ == "__main__":  # same as: datagen run <this folder> --set key=value ...
+    from datagen.cli import main
 
-
-async def main(argv: list[str]) -> list[dict[str, Any]]:
-    pipeline = build(**parse_overrides(argv))
-    results = await pipeline.run(data_pool(), concurrency_limit=3, parse_response=parse_response)
-    assert pipeline.last_run_files is not None
-    print(f"{len(results)} of {len(TOPICS)} questions written to "
-          f"{pipeline.last_run_files.results}")
-    return results
-
-
-if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1:]))
+    sys.exit(main(["run", str(HERE), *(f"--set={a}" for a in sys.argv[1:])]))

@@ -1,7 +1,7 @@
 """Factual QA: questions from chunks -> answers from the chunk -> a judge keeps what passes.
 
-    python examples/factual_qa/pipeline.py                  # the embedded model
-    python examples/factual_qa/pipeline.py provider=openai model=gpt-4o-mini
+    datagen run examples/factual_qa                         # the embedded model
+    datagen run examples/factual_qa --set provider=openai --set model=gpt-4o-mini
 
 One chunk gives several questions (a one_to_many step); each question is answered from
 the chunk; the judge says PASS or FAIL, and a FAIL sends the answer back with the reason
@@ -11,14 +11,12 @@ which are exported as ShareGPT (question -> answer).
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from datagen import DataGenerationPipeline, extract
-from datagen.config import parse_overrides
 from datagen.export import to_sharegpt
 from datagen.ingest import chunks
 
@@ -26,9 +24,9 @@ HERE = Path(__file__).resolve().parent
 QUESTIONS_SCHEMA = list[str]
 
 
-def build(**overrides: Any) -> DataGenerationPipeline:
-    pipeline = DataGenerationPipeline(config=HERE / "config.yaml", **overrides)
-    retries = pipeline.settings.params.get("judge_retries", 1)
+def build(pipeline: DataGenerationPipeline | None = None, judge_retries: int = 1
+          ) -> DataGenerationPipeline:
+    pipeline = pipeline or DataGenerationPipeline(config=HERE / "config.yaml")
     return (pipeline
             .step("questions", prompt="questions.yaml", extract=extract.json(QUESTIONS_SCHEMA),
                   validate=lambda qs, item: bool(qs) or "no questions", one_to_many=True)
@@ -36,13 +34,13 @@ def build(**overrides: Any) -> DataGenerationPipeline:
             .step("judge", prompt="judge.yaml", extract=extract.choice("PASS", "FAIL"),
                   validate=lambda verdict, item: verdict == "PASS"
                   or "the answer is not supported by the text",
-                  max_retries=retries))
+                  max_retries=judge_retries))
 
 
-def data_pool(pipeline: DataGenerationPipeline) -> Iterator[dict[str, Any]]:
-    params = pipeline.settings.params
-    return chunks(HERE / params["input_dir"], chunk_size=params["chunk_size"],
-                  subset_size=params.get("subset_size"), seed=params.get("seed", 0),
+def data_pool(pipeline: DataGenerationPipeline, input_dir: str = "input",
+              chunk_size: int = 120, subset_size: int | None = None, seed: int = 0
+              ) -> Iterator[dict[str, Any]]:
+    return chunks(HERE / input_dir, chunk_size=chunk_size, subset_size=subset_size, seed=seed,
                   cache_dir=HERE / ".datagen_chunks")
 
 
@@ -58,14 +56,7 @@ def export(results: Path) -> Path:
     return out
 
 
-async def main(argv: list[str]) -> list[dict[str, Any]]:
-    pipeline = build(**parse_overrides(argv))
-    results = await pipeline.run(data_pool(pipeline))
-    assert pipeline.last_run_files is not None
-    print(f"{len(results)} judged QA pairs in {pipeline.last_run_files.results}; ShareGPT: "
-          f"{export(pipeline.last_run_files.results)}")
-    return results
+if __name__ == "__main__":  # same as: datagen run <this folder> --set key=value ...
+    from datagen.cli import main
 
-
-if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1:]))
+    sys.exit(main(["run", str(HERE), *(f"--set={a}" for a in sys.argv[1:])]))

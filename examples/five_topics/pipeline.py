@@ -1,48 +1,37 @@
 """The five-topic example: one short text per topic, parsed from <draft> tags.
 
-    python examples/five_topics/pipeline.py                      # uses config.yaml as is
-    python examples/five_topics/pipeline.py base_url=http://127.0.0.1:8000/v1 model=my-model
+    datagen run examples/five_topics                        # config.yaml as is
+    datagen run examples/five_topics --set base_url=http://127.0.0.1:8000/v1 --set model=m
+    python examples/five_topics/pipeline.py base_url=http://127.0.0.1:8000/v1  # the same
 
-Any ``key=value`` argument overrides config.yaml, exactly like a constructor keyword.
+The single-step form: prompts and model come from config.yaml; this file names the data
+pool and the extractor.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
 
 from datagen import DataGenerationPipeline
-from datagen.config import parse_overrides
 
 HERE = Path(__file__).resolve().parent
 TOPICS = ["machine learning", "ocean currents", "medieval castles", "sourdough bread",
           "black holes"]
+extract_function = DataGenerationPipeline.make_default_extractor(pattern_name="draft")
 
 
-def data_pool() -> list[dict[str, Any]]:
+def build(pipeline: DataGenerationPipeline | None = None) -> DataGenerationPipeline:
+    return pipeline or DataGenerationPipeline(config=HERE / "config.yaml")
+
+
+def data_pool(pipeline: DataGenerationPipeline) -> list[dict[str, Any]]:
     return [{"user_prompt_kwargs": {"topic": topic, "word_count": "100 words"},
              "system_prompt_kwargs": {"tone": "plain"}} for topic in TOPICS]
 
 
-def build(**overrides: Any) -> DataGenerationPipeline:
-    return DataGenerationPipeline(config=HERE / "config.yaml", **overrides)
+if __name__ == "__main__":  # same as: datagen run <this folder> --set key=value ...
+    from datagen.cli import main
 
-
-async def main(argv: list[str]) -> list[dict[str, Any]]:
-    pipeline = build(**parse_overrides(argv))
-    results = await pipeline.run(
-        data_pool(),
-        concurrency_limit=5,
-        extract_function=pipeline.make_default_extractor(pattern_name="draft"),
-    )
-    assert pipeline.last_run_files is not None
-    print(f"{len(results)} of {len(TOPICS)} drafts written to {pipeline.last_run_files.results}")
-    for record in results:
-        print(f"- {record['user_prompt_kwargs']['topic']}: {record['output'][:70]!r}")
-    return results
-
-
-if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1:]))
+    sys.exit(main(["run", str(HERE), *(f"--set={a}" for a in sys.argv[1:])]))

@@ -1,34 +1,33 @@
 """Poems from text chunks: read input/, chunk it, write one poem per chunk, export ShareGPT.
 
-    python examples/poems/pipeline.py                       # the embedded model
-    python examples/poems/pipeline.py provider=openai model=gpt-4o-mini
+    datagen run examples/poems                              # the embedded model
+    datagen run examples/poems --set provider=openai --set model=gpt-4o-mini
+    python examples/poems/pipeline.py provider=openai model=gpt-4o-mini  # the same
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from datagen import DataGenerationPipeline, extract
-from datagen.config import parse_overrides
 from datagen.export import to_sharegpt
 from datagen.ingest import chunks
 
 HERE = Path(__file__).resolve().parent
 
 
-def build(**overrides: Any) -> DataGenerationPipeline:
-    return (DataGenerationPipeline(config=HERE / "config.yaml", **overrides)
-            .step("poem", prompt="poem.yaml", extract=extract.tag("poem")))
+def build(pipeline: DataGenerationPipeline | None = None) -> DataGenerationPipeline:
+    pipeline = pipeline or DataGenerationPipeline(config=HERE / "config.yaml")
+    return pipeline.step("poem", prompt="poem.yaml", extract=extract.tag("poem"))
 
 
-def data_pool(pipeline: DataGenerationPipeline) -> Iterator[dict[str, Any]]:
-    params = pipeline.settings.params
-    return chunks(HERE / params["input_dir"], chunk_size=params["chunk_size"],
-                  subset_size=params.get("subset_size"), seed=params.get("seed", 0),
+def data_pool(pipeline: DataGenerationPipeline, input_dir: str = "input",
+              chunk_size: int = 120, subset_size: int | None = None, seed: int = 0
+              ) -> Iterator[dict[str, Any]]:
+    return chunks(HERE / input_dir, chunk_size=chunk_size, subset_size=subset_size, seed=seed,
                   cache_dir=HERE / ".datagen_chunks")
 
 
@@ -38,14 +37,7 @@ def export(results: Path) -> Path:
     return out
 
 
-async def main(argv: list[str]) -> list[dict[str, Any]]:
-    pipeline = build(**parse_overrides(argv))
-    results = await pipeline.run(data_pool(pipeline))
-    assert pipeline.last_run_files is not None
-    print(f"{len(results)} poems in {pipeline.last_run_files.results}; ShareGPT: "
-          f"{export(pipeline.last_run_files.results)}")
-    return results
+if __name__ == "__main__":  # same as: datagen run <this folder> --set key=value ...
+    from datagen.cli import main
 
-
-if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1:]))
+    sys.exit(main(["run", str(HERE), *(f"--set={a}" for a in sys.argv[1:])]))

@@ -1,7 +1,7 @@
 """Writing-style cloning: styled text -> generic rewrite; export (generic -> original) pairs.
 
-    python examples/style_clone/pipeline.py                 # the embedded model
-    python examples/style_clone/pipeline.py repair=false    # skip the repair step
+    datagen run examples/style_clone                        # the embedded model
+    datagen run examples/style_clone --set params.repair=false   # skip the repair step
 
 Each chunk of the styled text is (optionally) repaired so it starts and ends cleanly, then
 rewritten in a plain style. The ShareGPT export pairs them the other way round: the plain
@@ -11,31 +11,30 @@ it learns to write in the original's voice.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from datagen import DataGenerationPipeline, extract
-from datagen.config import parse_overrides
 from datagen.export import to_sharegpt
 from datagen.ingest import chunks
 
 HERE = Path(__file__).resolve().parent
 
 
-def build(**overrides: Any) -> DataGenerationPipeline:
-    pipeline = DataGenerationPipeline(config=HERE / "config.yaml", **overrides)
-    if pipeline.settings.params.get("repair", True):
+def build(pipeline: DataGenerationPipeline | None = None, repair: bool = True
+          ) -> DataGenerationPipeline:
+    pipeline = pipeline or DataGenerationPipeline(config=HERE / "config.yaml")
+    if repair:
         pipeline.step("repair", prompt="repair.yaml", extract=extract.tag("text"))
     return pipeline.step("generic", prompt="generic.yaml", extract=extract.tag("generic"))
 
 
-def data_pool(pipeline: DataGenerationPipeline) -> Iterator[dict[str, Any]]:
-    params = pipeline.settings.params
-    return chunks(HERE / params["input_dir"], chunk_size=params["chunk_size"],
-                  subset_size=params.get("subset_size"), seed=params.get("seed", 0),
+def data_pool(pipeline: DataGenerationPipeline, input_dir: str = "input",
+              chunk_size: int = 120, subset_size: int | None = None, seed: int = 0
+              ) -> Iterator[dict[str, Any]]:
+    return chunks(HERE / input_dir, chunk_size=chunk_size, subset_size=subset_size, seed=seed,
                   cache_dir=HERE / ".datagen_chunks")
 
 
@@ -53,17 +52,7 @@ def export(results: Path) -> Path:
     return out
 
 
-async def main(argv: list[str]) -> list[dict[str, Any]]:
-    overrides = parse_overrides(argv)
-    if "repair" in overrides:  # a shortcut for params.repair
-        overrides["params"] = {"repair": overrides.pop("repair")}
-    pipeline = build(**overrides)
-    results = await pipeline.run(data_pool(pipeline))
-    assert pipeline.last_run_files is not None
-    print(f"{len(results)} pairs in {pipeline.last_run_files.results}; ShareGPT: "
-          f"{export(pipeline.last_run_files.results)}")
-    return results
+if __name__ == "__main__":  # same as: datagen run <this folder> --set key=value ...
+    from datagen.cli import main
 
-
-if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1:]))
+    sys.exit(main(["run", str(HERE), *(f"--set={a}" for a in sys.argv[1:])]))

@@ -8,25 +8,22 @@ test comes with it: it needs only datagen's pytest plugin (`datagen_cassette`).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from datagen.folder import load_folder
+
 HERE = Path(__file__).resolve().parent
 BASE_URL = os.environ.get("DATAGEN_RECORD_BASE_URL", "http://127.0.0.1:8080/v1")
-_spec = importlib.util.spec_from_file_location("style_clone_pipeline", HERE / "pipeline.py")
-assert _spec and _spec.loader
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
 
 
 def run(tmp_path: Path) -> tuple[Any, Any, list[Any]]:
-    pipeline = example.build(base_url=BASE_URL, constrain_output=True, temperature=0.0,
-                             max_retries=0, output_dir=str(tmp_path), progress=False)
-    return example, pipeline, pipeline.run_sync(example.data_pool(pipeline))
+    folder = load_folder(HERE, base_url=BASE_URL, constrain_output=True, temperature=0.0,
+                         max_retries=0, output_dir=str(tmp_path), progress=False)
+    return folder, folder.pipeline, folder.pipeline.run_sync(folder.data_pool())
 
 
 def lines(path: Path) -> list[dict[str, Any]]:

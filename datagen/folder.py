@@ -1,0 +1,129 @@
+"""A pipeline folder: ``pipeline.py`` + ``config.yaml`` + ``prompts/``, loaded by one rule.
+
+``pipeline.py`` exposes the pipeline in one of two ways:
+
+- ``build(pipeline, **params)``: receives a :class:`DataGenerationPipeline` already made
+  from the folder's ``config.yaml`` (with any overrides, e.g. ``--set``), adds its steps and
+  returns it (returning None means "the same one");
+- a module-level ``pipeline`` object (overrides are applied to a copy of it).
+
+and optionally ``data_pool(pipeline, **params)`` (the items to run; else pass a JSONL
+pool), ``export(results_path)`` (called after a run, returns the exported file) and, for
+the single-step form, ``extract_function`` or ``parse_response``.
+The ``params:`` section of config.yaml reaches ``build`` and ``data_pool`` as keywords; a
+key neither takes gets a warning naming it, never a crash (so old configs keep working).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from datagen.errors import ConfigError
+from datagen.pipeline import DataGenerationPipeline
+
+
+def _accepts(fn: Callable[..., Any] | None) -> tuple[set[str], bool]:
+    """The keyword names ``fn`` takes after its first parameter, and whether it takes any."""
+    if fn is None:
+        return set(), False
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return ({p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)},
+            any(p.kind == p.VAR_KEYWORD for p in params))
+
+
+def _pick(fn: Callable[..., Any] | None, params: dict[str, Any]) -> dict[str, Any]:
+    names, everything = _accepts(fn)
+    return dict(params) if everything else {k: v for k, v in params.items() if k in names}
+
+
+@dataclass
+class PipelineFolder:
+    path: Path
+    pipeline: DataGenerationPipeline
+    module: ModuleType | None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.pipeline.settings.params)
+
+    def data_pool(self) -> Any:
+        fn = getattr(self.module, "data_pool", None)
+        if fn is None:
+            raise ConfigError(f"{self.path}: no data pool: add `def data_pool(pipeline, "
+                              "**params)` to pipeline.py, or pass --pool FILE.jsonl")
+        return fn(self.pipeline, **_pick(fn, self.params))
+
+    @property
+    def extract_function(self) -> Callable[[str], Any] | None:
+        """For the single-step form: the module's ``extract_function`` or
+        ``parse_response``."""
+        for name in ("extract_function", "parse_response"):
+            fn = getattr(self.module, name, None)
+            if callable(fn):
+                return fn  # type: ignore[no-any-return]
+        return None
+
+    def export(self, results: Path) -> Path | None:
+        fn = getattr(self.module, "export", None)
+        return Path(fn(results)) if fn is not None else None
+
+
+def import_pipeline_module(path: Path) -> ModuleType:
+    name = f"datagen_pipeline_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))  # so pipeline.py can import its siblings
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def load_folder(path: str | Path = ".", **overrides: Any) -> PipelineFolder:
+    """Load a pipeline folder (or a bare config file: the single-step form)."""
+    root = Path(path).expanduser().resolve()
+    if root.is_file() and root.suffix in (".yaml", ".yml"):
+        return PipelineFolder(root.parent, DataGenerationPipeline(config=root, **overrides),
+                              None)
+    script, config = root / "pipeline.py", root / "config.yaml"
+    if not root.is_dir():
+        raise ConfigError(f"{root}: no such pipeline folder or config file")
+    if not script.is_file():
+        if config.is_file():
+            return PipelineFolder(root, DataGenerationPipeline(config=config, **overrides),
+                                  None)
+        raise ConfigError(f"{root} has neither pipeline.py nor config.yaml: run `datagen "
+                          "init NAME` to create a pipeline folder")
+    module = import_pipeline_module(script)
+    build = getattr(module, "build", None)
+    if callable(build):
+        base = DataGenerationPipeline(config=config if config.is_file() else None, **overrides)
+        params = dict(base.settings.params)
+        taken = _pick(build, params)
+        pool_taken = _pick(getattr(module, "data_pool", None), params)
+        for key in sorted(set(params) - set(taken) - set(pool_taken)):
+            warnings.warn(f"params.{key} in {config} is not taken by build() or data_pool() "
+                          f"in {script}; ignored", stacklevel=2)
+        built = build(base, **taken)
+        pipeline = built if built is not None else base
+    elif isinstance(getattr(module, "pipeline", None), DataGenerationPipeline):
+        pipeline = module.pipeline.with_overrides(**overrides) if overrides else \
+            module.pipeline
+    else:
+        raise ConfigError(f"{script} must define `build(pipeline, **params)` or a "
+                          "module-level `pipeline` (a DataGenerationPipeline)")
+    if not isinstance(pipeline, DataGenerationPipeline):
+        raise ConfigError(f"{script}: build() returned {type(pipeline).__name__}, not a "
+                          "DataGenerationPipeline")
+    return PipelineFolder(root, pipeline, module)
