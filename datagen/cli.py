@@ -141,6 +141,18 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _report(args: argparse.Namespace) -> int:
+    from datagen.errors import DatagenError
+    from datagen.report import write_report
+
+    try:
+        out = write_report(args.results, args.out)
+    except DatagenError as exc:
+        return _error(exc)
+    print(f"report: {out}")
+    return EXIT_OK
+
+
 def _check(args: argparse.Namespace) -> int:
     from datagen.errors import DatagenError
     from datagen.folder import load_folder
@@ -219,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=("sharegpt", "openai", "hf"), default="sharegpt")
     exp.add_argument("--out", help="output path (hf: a folder, or a .parquet file)")
     exp.set_defaults(func=_export)
+
+    rep = sub.add_parser("report", help="one self-contained HTML file to read a run",
+                         formatter_class=fmt,
+                         description="Write an HTML report of a run (no network needed to "
+                                     "open it): totals, histograms, searchable records, "
+                                     "failures by reason.",
+                         epilog="examples:\n  datagen report output/poems_20261122_101500.jsonl"
+                                "\n  datagen report output/ --out report.html")
+    rep.add_argument("results", help="a results file, or a run folder (its newest)")
+    rep.add_argument("--out", help="the HTML file (default: beside the results)")
+    rep.set_defaults(func=_report)
 
     check = sub.add_parser("check", help="validate a pipeline's config and prompts",
                            formatter_class=fmt,

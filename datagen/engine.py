@@ -416,6 +416,7 @@ class Engine:
         ctx.display.update(self.counts.succeeded, self.counts.failed)
         stats = self.stats()
         ctx.display.usage(stats.prompt_tokens + stats.completion_tokens, stats.cost_usd)
+        ctx.display.calls(stats.requests, stats.retries, stats.rate_limited, stats.cache_hits)
         if ctx.on_record is not None:
             self._pending_callbacks.append(record)
 

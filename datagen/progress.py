@@ -22,6 +22,8 @@ class Display(Protocol):
 
     def usage(self, tokens: int, cost: float | None) -> None: ...
 
+    def calls(self, requests: int, retries: int, rate_limited: int, cache_hits: int) -> None: ...
+
     def close(self, done: int, failed: int, summary: str = "") -> None: ...
 
 
@@ -36,6 +38,9 @@ class NoDisplay:
         return None
 
     def usage(self, tokens: int, cost: float | None) -> None:
+        return None
+
+    def calls(self, requests: int, retries: int, rate_limited: int, cache_hits: int) -> None:
         return None
 
     def close(self, done: int, failed: int, summary: str = "") -> None:
@@ -59,18 +64,24 @@ class PlainDisplay:
         self.steps: dict[str, int] = dict.fromkeys(steps or [], 0)
         self.tokens: int = 0
         self.cost: float | None = None
+        self.counters = (0, 0, 0, 0)
 
     def usage(self, tokens: int, cost: float | None) -> None:
         self.tokens, self.cost = tokens, cost
+
+    def calls(self, requests: int, retries: int, rate_limited: int, cache_hits: int) -> None:
+        self.counters = (requests, retries, rate_limited, cache_hits)
 
     def _line(self, done: int, failed: int) -> str:
         of = f"/{self.total}" if self.total is not None else ""
         steps = ("; steps " + ", ".join(f"{k} {v}" for k, v in self.steps.items())
                  if len(self.steps) > 1 else "")
         money = f", ${self.cost:.4f}" if self.cost else ""
+        requests, retries, limited, hits = self.counters
         return (f"datagen {self.label}: {done + failed}{of} items, {done} done, {failed} failed, "
-                f"{_rate(done + failed, self.started):.1f} items/s, {self.tokens} tokens{money}"
-                f"{steps}")
+                f"{_rate(done + failed, self.started):.1f} items/s, {requests} requests "
+                f"({retries} retries, {limited} 429s, {hits} cache hits), {self.tokens} tokens"
+                f"{money}{steps}")
 
     def step(self, name: str, done: int) -> None:
         self.steps[name] = done
@@ -126,6 +137,9 @@ class RichDisplay:
         self.task: Any = None
         self.started = time.monotonic()
         self.step_names = steps if steps and len(steps) > 1 else []
+        self.tokens: int = 0
+        self.cost: float | None = None
+        self.counters = (0, 0, 0, 0)
         self.step_tasks: dict[str, Any] = {}
 
     def start(self, total: int | None) -> None:
@@ -139,8 +153,25 @@ class RichDisplay:
                 usage="")
 
     def usage(self, tokens: int, cost: float | None) -> None:
-        money = f" ${cost:.4f}" if cost else ""
-        self.progress.update(self.task, usage=f"{tokens} tok{money}")
+        self.tokens, self.cost = tokens, cost
+        self._refresh_usage()
+
+    def calls(self, requests: int, retries: int, rate_limited: int, cache_hits: int) -> None:
+        self.counters = (requests, retries, rate_limited, cache_hits)
+        self._refresh_usage()
+
+    def _refresh_usage(self) -> None:
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        requests, retries, limited, hits = self.counters
+        text = (f"{requests / elapsed:.1f} req/s {self.tokens / elapsed:.0f} tok/s "
+                f"{retries} retries {limited}x429 {hits} cached")
+        if self.cost:
+            task = self.progress.tasks[0] if self.progress.tasks else None
+            done = task.completed if task else 0
+            projected = (f" → ${self.cost * task.total / done:.4f}" if task and task.total
+                         and done else "")
+            text += f" ${self.cost:.4f}{projected}"
+        self.progress.update(self.task, usage=text)
 
     def step(self, name: str, done: int) -> None:
         task = self.step_tasks.get(name)

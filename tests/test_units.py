@@ -240,13 +240,20 @@ def test_displays_show_each_step() -> None:
     rich.start(2)
     rich.step("question", 2)
     rich.step("answer", 3)
+    rich.usage(900, 0.25)
+    rich.calls(4, 1, 1, 0)
     rich.close(3, 0)
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
     assert "step question" in text and "2/2" in text and "step answer" in text
+    assert "1 retries 1x429 0 cached $0.2500" in text
     plain_out = io.StringIO()
     plain = PlainDisplay("qa", stream=plain_out, steps=["question", "answer"])
     plain.start(2)
     plain.step("question", 2)
     plain.step("answer", 3)
+    plain.usage(1200, 0.5)
+    plain.calls(7, 2, 1, 3)
     plain.close(3, 0)
-    assert "steps question 2, answer 3" in plain_out.getvalue()
+    line = plain_out.getvalue()
+    assert "steps question 2, answer 3" in line
+    assert "7 requests (2 retries, 1 429s, 3 cache hits), 1200 tokens, $0.5000" in line
