@@ -435,6 +435,8 @@ class Engine:
         self.ctx.failures_sink.write_line(line)
         self.counts.failed += 1
         self.counts.failed_by_kind[failure.kind] += 1
+        self.ctx.display.kinds(dict(self.counts.failed_by_kind),
+                               dict(self.stats().errors_by_kind))
         log.warning("item %d (%s) failed at step %s (%s) after %d attempt(s): %s",
                     state.item.index, state.key, step, failure.kind, failure.attempts,
                     message[:300])

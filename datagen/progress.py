@@ -24,7 +24,16 @@ class Display(Protocol):
 
     def calls(self, requests: int, retries: int, rate_limited: int, cache_hits: int) -> None: ...
 
+    def kinds(self, failed: dict[str, int], errors: dict[str, int]) -> None: ...
+
     def close(self, done: int, failed: int, summary: str = "") -> None: ...
+
+
+def by_kind(label: str, counts: dict[str, int]) -> str:
+    """'failed: extraction 3, timeout 1' (empty when there is nothing to say)."""
+    if not counts:
+        return ""
+    return f"; {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
 class NoDisplay:
@@ -41,6 +50,9 @@ class NoDisplay:
         return None
 
     def calls(self, requests: int, retries: int, rate_limited: int, cache_hits: int) -> None:
+        return None
+
+    def kinds(self, failed: dict[str, int], errors: dict[str, int]) -> None:
         return None
 
     def close(self, done: int, failed: int, summary: str = "") -> None:
@@ -65,12 +77,17 @@ class PlainDisplay:
         self.tokens: int = 0
         self.cost: float | None = None
         self.counters = (0, 0, 0, 0)
+        self.detail = ""
+        self.detail = ""
 
     def usage(self, tokens: int, cost: float | None) -> None:
         self.tokens, self.cost = tokens, cost
 
     def calls(self, requests: int, retries: int, rate_limited: int, cache_hits: int) -> None:
         self.counters = (requests, retries, rate_limited, cache_hits)
+
+    def kinds(self, failed: dict[str, int], errors: dict[str, int]) -> None:
+        self.detail = by_kind("failed", failed) + by_kind("errors retried or not", errors)
 
     def _line(self, done: int, failed: int) -> str:
         of = f"/{self.total}" if self.total is not None else ""
@@ -81,7 +98,7 @@ class PlainDisplay:
         return (f"datagen {self.label}: {done + failed}{of} items, {done} done, {failed} failed, "
                 f"{_rate(done + failed, self.started):.1f} items/s, {requests} requests "
                 f"({retries} retries, {limited} 429s, {hits} cache hits), {self.tokens} tokens"
-                f"{money}{steps}")
+                f"{money}{steps}{self.detail}")
 
     def step(self, name: str, done: int) -> None:
         self.steps[name] = done
@@ -107,11 +124,14 @@ class PlainDisplay:
 
 
 class RichDisplay:
-    """A live bar: items done/total, rate, failures, elapsed, ETA."""
+    """A live view: a bar (items done/total, rate, failures, elapsed, ETA), a bar per step
+    for multi-step pipelines, and a line of counters (requests/s, tokens/s, retries, 429s,
+    cache hits, dollars so far and projected, failures and errors by kind)."""
 
     def __init__(self, label: str, console: Any = None, steps: list[str] | None = None
                  ) -> None:
-        from rich.console import Console
+        from rich.console import Console, Group
+        from rich.live import Live
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -120,75 +140,80 @@ class RichDisplay:
             TimeElapsedColumn,
             TimeRemainingColumn,
         )  # fmt: skip
+        from rich.text import Text
 
+        self.console = console or Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:.1f} items/s"),
             TextColumn("[red]{task.fields[failed]} failed"),
-            TextColumn("{task.fields[usage]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=console or Console(stderr=True),
-            transient=False,
+            console=self.console,
         )
+        self.info = Text("", style="dim")
+        self.live = Live(Group(self.progress, self.info), console=self.console,
+                         refresh_per_second=4, transient=False)
         self.label = label
         self.task: Any = None
         self.started = time.monotonic()
         self.step_names = steps if steps and len(steps) > 1 else []
+        self.step_tasks: dict[str, Any] = {}
         self.tokens: int = 0
         self.cost: float | None = None
         self.counters = (0, 0, 0, 0)
-        self.step_tasks: dict[str, Any] = {}
+        self.detail = ""
 
     def start(self, total: int | None) -> None:
         self.started = time.monotonic()
-        self.progress.start()
-        self.task = self.progress.add_task(self.label, total=total, failed=0, rate=0.0,
-                                           usage="")
+        self.task = self.progress.add_task(self.label, total=total, failed=0, rate=0.0)
         for i, name in enumerate(self.step_names):  # the first step sees every item
             self.step_tasks[name] = self.progress.add_task(
-                f"  step {name}", total=total if i == 0 else None, failed=0, rate=0.0,
-                usage="")
+                f"  step {name}", total=total if i == 0 else None, failed=0, rate=0.0)
+        self.live.start()
 
-    def usage(self, tokens: int, cost: float | None) -> None:
-        self.tokens, self.cost = tokens, cost
-        self._refresh_usage()
-
-    def calls(self, requests: int, retries: int, rate_limited: int, cache_hits: int) -> None:
-        self.counters = (requests, retries, rate_limited, cache_hits)
-        self._refresh_usage()
-
-    def _refresh_usage(self) -> None:
-        elapsed = max(1e-9, time.monotonic() - self.started)
-        requests, retries, limited, hits = self.counters
-        text = (f"{requests / elapsed:.1f} req/s {self.tokens / elapsed:.0f} tok/s "
-                f"{retries} retries {limited}x429 {hits} cached")
-        if self.cost:
-            task = self.progress.tasks[0] if self.progress.tasks else None
-            done = task.completed if task else 0
-            projected = (f" → ${self.cost * task.total / done:.4f}" if task and task.total
-                         and done else "")
-            text += f" ${self.cost:.4f}{projected}"
-        self.progress.update(self.task, usage=text)
+    def update(self, done: int, failed: int) -> None:
+        self.progress.update(self.task, completed=done + failed, failed=failed,
+                             rate=_rate(done + failed, self.started))
 
     def step(self, name: str, done: int) -> None:
         task = self.step_tasks.get(name)
         if task is not None:
             self.progress.update(task, completed=done, rate=_rate(done, self.started))
 
-    def update(self, done: int, failed: int) -> None:
-        self.progress.update(self.task, completed=done + failed, failed=failed,
-                             rate=_rate(done + failed, self.started))
+    def usage(self, tokens: int, cost: float | None) -> None:
+        self.tokens, self.cost = tokens, cost
+        self._refresh_info()
+
+    def calls(self, requests: int, retries: int, rate_limited: int, cache_hits: int) -> None:
+        self.counters = (requests, retries, rate_limited, cache_hits)
+        self._refresh_info()
+
+    def kinds(self, failed: dict[str, int], errors: dict[str, int]) -> None:
+        self.detail = by_kind("failed", failed) + by_kind("errors", errors)
+        self._refresh_info()
+
+    def _refresh_info(self) -> None:
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        requests, retries, limited, hits = self.counters
+        text = (f"{requests / elapsed:.1f} req/s, {self.tokens / elapsed:.0f} tok/s, "
+                f"{retries} retries, {limited} x 429, {hits} cache hits")
+        if self.cost:
+            task = self.progress.tasks[0] if self.progress.tasks else None
+            done = task.completed if task else 0
+            projected = (f" (projected ${self.cost * task.total / done:.4f})"
+                         if task and task.total and done else "")
+            text += f", ${self.cost:.4f}{projected}"
+        self.info.plain = "  " + text + self.detail
 
     def close(self, done: int, failed: int, summary: str = "") -> None:
         self.update(done, failed)
-        self.progress.refresh()  # the final numbers, not the last periodic frame
-        self.progress.stop()
+        self.live.refresh()  # the final numbers, not the last periodic frame
+        self.live.stop()
         if summary:
-            self.progress.console.print(f"[bold]{self.label}[/bold]: {summary}",
-                                        highlight=False)
+            self.console.print(f"[bold]{self.label}[/bold]: {summary}", highlight=False)
 
 
 def make_display(enabled: bool, label: str, steps: list[str] | None = None) -> Display:

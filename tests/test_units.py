@@ -242,10 +242,12 @@ def test_displays_show_each_step() -> None:
     rich.step("answer", 3)
     rich.usage(900, 0.25)
     rich.calls(4, 1, 1, 0)
+    rich.kinds({"timeout": 1}, {})
     rich.close(3, 0)
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
     assert "step question" in text and "2/2" in text and "step answer" in text
-    assert "1 retries 1x429 0 cached $0.2500" in text
+    assert "1 retries, 1 x 429, 0 cache hits, $0.2500" in text
+    assert "failed: timeout 1" in text
     plain_out = io.StringIO()
     plain = PlainDisplay("qa", stream=plain_out, steps=["question", "answer"])
     plain.start(2)
@@ -253,7 +255,9 @@ def test_displays_show_each_step() -> None:
     plain.step("answer", 3)
     plain.usage(1200, 0.5)
     plain.calls(7, 2, 1, 3)
+    plain.kinds({"extraction": 2}, {"rate_limit": 1})
     plain.close(3, 0)
     line = plain_out.getvalue()
     assert "steps question 2, answer 3" in line
     assert "7 requests (2 retries, 1 429s, 3 cache hits), 1200 tokens, $0.5000" in line
+    assert "failed: extraction 2; errors retried or not: rate_limit 1" in line
