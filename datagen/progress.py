@@ -210,6 +210,9 @@ class RichDisplay:
 
     def close(self, done: int, failed: int, summary: str = "") -> None:
         self.update(done, failed)
+        for task in self.progress.tasks:  # later steps' totals are known only at the end
+            if task.total is None:
+                self.progress.update(task.id, total=task.completed)
         self.live.refresh()  # the final numbers, not the last periodic frame
         self.live.stop()
         if summary:
