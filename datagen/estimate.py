@@ -118,21 +118,23 @@ class Estimate:
         return "\n".join(lines)
 
 
-def sample(items: Iterable[PoolItem], size: int | None, seed: int) -> tuple[list[PoolItem], int]:
-    """A seeded reservoir sample (all items when ``size`` is None), and the pool's size."""
+def sample(items: Iterable[Any], size: int | None, seed: int) -> tuple[list[Any], int]:
+    """A seeded reservoir sample in pool order (all items when ``size`` is None), and the
+    pool's size. Streams: only the sample is held."""
     if size is None:
-        kept = list(items)
-        return kept, len(kept)
+        everything = list(items)
+        return everything, len(everything)
     rng = random.Random(seed)
-    kept, n = [], 0
+    kept: list[tuple[int, Any]] = []
+    n = 0
     for n, item in enumerate(items, start=1):
         if len(kept) < size:
-            kept.append(item)
+            kept.append((n, item))
         else:
             j = rng.randrange(n)
             if j < size:
-                kept[j] = item
-    return kept, n
+                kept[j] = (n, item)
+    return [item for _, item in sorted(kept, key=lambda pair: pair[0])], n
 
 
 def limits_time(settings: Settings, models: list[ModelConfig], requests: float,

@@ -261,3 +261,12 @@ def test_displays_show_each_step() -> None:
     assert "steps question 2, answer 3" in line
     assert "7 requests (2 retries, 1 429s, 3 cache hits), 1200 tokens, $0.5000" in line
     assert "failed: extraction 2; errors retried or not: rate_limit 1" in line
+
+
+def test_seeded_sample_keeps_pool_order() -> None:
+    from datagen.estimate import sample
+
+    chosen, n = sample(iter(range(1000)), 10, seed=4)
+    assert n == 1000 and len(chosen) == 10 and chosen == sorted(chosen)
+    assert chosen == sample(iter(range(1000)), 10, seed=4)[0]
+    assert chosen != sample(iter(range(1000)), 10, seed=5)[0]
