@@ -85,6 +85,10 @@ def import_pipeline_module(path: Path) -> ModuleType:
     sys.path.insert(0, str(path.parent))  # so pipeline.py can import its siblings
     try:
         spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ConfigError(f"{path}, line {exc.lineno}: syntax error: {exc.msg}") from None
+    except ImportError as exc:
+        raise ConfigError(f"{path}: cannot import what it needs: {exc}") from exc
     finally:
         sys.path.remove(str(path.parent))
     return module

@@ -150,3 +150,16 @@ def test_init_then_run_on_the_local_model_then_its_test_replays(tmp_path: Path) 
                            cwd=demo, capture_output=True, text=True, timeout=300)
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert datagen("init", "demo", cwd=tmp_path).returncode == 2  # never overwrites
+
+
+def test_a_broken_pipeline_py_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("model: {provider: openai, model: m}\n")
+    (tmp_path / "pipeline.py").write_text("def build(pipeline):\n    return pipeline.step(\n")
+    result = datagen("check", str(tmp_path))
+    assert result.returncode == 2 and "pipeline.py, line" in result.stderr
+    (tmp_path / "pipeline.py").write_text("import no_such_module_xyz\n")
+    result = datagen("check", str(tmp_path))
+    assert result.returncode == 2 and "no_such_module_xyz" in result.stderr
+    (tmp_path / "pipeline.py").write_text("x = 1\n")
+    result = datagen("check", str(tmp_path))
+    assert result.returncode == 2 and "must define `build(pipeline, **params)`" in result.stderr
