@@ -134,3 +134,26 @@ def test_chunks_are_a_data_pool(tmp_path: Path) -> None:
         results = p.run_sync(chunks(docs, chunk_size=50, cache_dir=None))
     assert len(results) == len(list(chunks(docs, chunk_size=50, cache_dir=None)))
     assert results[0]["item"]["source"].endswith("a.txt")
+
+
+def test_docx_with_the_docs_extra(tmp_path: Path) -> None:
+    docx = pytest.importorskip("docx")
+    document = docx.Document()
+    document.add_paragraph("First paragraph of the report.")
+    document.add_paragraph("Second paragraph, with more detail.")
+    document.save(str(tmp_path / "report.docx"))
+    (doc,) = read_documents(tmp_path)
+    assert doc.text == "First paragraph of the report.\n\nSecond paragraph, with more detail."
+    (chunk,) = chunks(tmp_path, chunk_size=100, cache_dir=None)
+    assert chunk["text"] == doc.text
+
+
+def test_pdf_with_the_docs_extra(tmp_path: Path) -> None:
+    pypdf = pytest.importorskip("pypdf")
+    writer = pypdf.PdfWriter()
+    writer.add_blank_page(width=200, height=200)
+    with open(tmp_path / "blank.pdf", "wb") as fh:
+        writer.write(fh)
+    (doc,) = read_documents(tmp_path)  # a PDF without text reads as empty, not an error
+    assert doc.source.endswith("blank.pdf") and doc.text.strip() == ""
+    assert list(chunks(tmp_path, chunk_size=50, cache_dir=None)) == []
