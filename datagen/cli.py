@@ -40,11 +40,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _pool(folder: Any, args: argparse.Namespace) -> Any:
     pool = args.pool if args.pool else folder.data_pool()
-    if args.limit is not None:
-        from datagen.estimate import sample
+    if getattr(args, "limit", None) is not None:
+        from datagen.pool import seeded_sample
 
         items = pool if not isinstance(pool, (str, Path)) else _jsonl(pool)
-        chosen, _ = sample(iter(items), args.limit, args.seed)
+        chosen, _ = seeded_sample(iter(items), args.limit, args.seed)
         return chosen
     return pool
 
@@ -67,9 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         pipeline = folder.pipeline
         pool = _pool(folder, args)
         if args.dry_run:
-            print(pipeline.estimate(pool, sample_size=args.sample, seed=args.seed,
-                                    extract_function=None if pipeline.step_names else
-                                    folder.extract_function).report())
+            print(_dry_run_report(folder, pool, args))
             return EXIT_OK
         extractor = None if pipeline.step_names else folder.extract_function
         results = asyncio.run(pipeline.run(pool, concurrency_limit=args.concurrency,
@@ -100,19 +98,24 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dry_run_report(folder: Any, pool: Any, args: argparse.Namespace) -> str:
+    """`run --dry-run` and `estimate`: the same estimate of the same pool."""
+    pipeline = folder.pipeline
+    return str(pipeline.estimate(
+        pool, sample_size=args.sample, seed=args.seed,
+        extract_function=None if pipeline.step_names else folder.extract_function).report())
+
+
 def _estimate(args: argparse.Namespace) -> int:
     from datagen.errors import DatagenError
     from datagen.folder import load_folder
 
     try:
         folder = load_folder(args.path, **_overrides(args))
-        pool = args.pool if args.pool else folder.data_pool()
-        estimate = folder.pipeline.estimate(
-            pool, sample_size=args.sample, seed=args.seed,
-            extract_function=None if folder.pipeline.step_names else folder.extract_function)
+        report = _dry_run_report(folder, _pool(folder, args), args)
     except DatagenError as exc:
         return _error(exc)
-    print(estimate.report())
+    print(report)
     return EXIT_OK
 
 

@@ -156,6 +156,7 @@ class Engine:
         self._t0 = time.monotonic()
         self._pending_callbacks: list[dict[str, Any]] = []
         self._last_report: dict[str, float] = {}
+        self._last_counters = 0.0
         self.source_total: int | None = None
 
     # ---- the run ---------------------------------------------------------------------
@@ -188,6 +189,7 @@ class Engine:
             self.ctx.failures_sink.close()
             if self.ctx.meta_sink is not None:
                 self.ctx.meta_sink.close()
+            self._show_counters(force=True)
             self.ctx.display.close(self.counts.succeeded, self.counts.failed, self.summary())
             self.write_manifest(status, error)
             log.info("run %s: %s", status, self.summary())
@@ -414,9 +416,7 @@ class Engine:
         if ctx.collect:
             self.results[(state.item.index, state.fanout)] = record
         ctx.display.update(self.counts.succeeded, self.counts.failed)
-        stats = self.stats()
-        ctx.display.usage(stats.prompt_tokens + stats.completion_tokens, stats.cost_usd)
-        ctx.display.calls(stats.requests, stats.retries, stats.rate_limited, stats.cache_hits)
+        self._show_counters()
         if ctx.on_record is not None:
             self._pending_callbacks.append(record)
 
@@ -435,8 +435,7 @@ class Engine:
         self.ctx.failures_sink.write_line(line)
         self.counts.failed += 1
         self.counts.failed_by_kind[failure.kind] += 1
-        self.ctx.display.kinds(dict(self.counts.failed_by_kind),
-                               dict(self.stats().errors_by_kind))
+        self._show_counters()
         log.warning("item %d (%s) failed at step %s (%s) after %d attempt(s): %s",
                     state.item.index, state.key, step, failure.kind, failure.attempts,
                     message[:300])
@@ -464,6 +463,18 @@ class Engine:
         if phase == "after" and self.ctx.debug_dir is not None:
             write_debug(self.ctx.debug_dir, event)
 
+    def _show_counters(self, force: bool = False) -> None:
+        """Tokens, cost, calls and failures by kind for the display: at most every 0.25 s,
+        so no item pays for adding up the counters of every model."""
+        now = time.monotonic()
+        if not force and now - self._last_counters < 0.25:
+            return
+        self._last_counters = now
+        s, display = self.stats(), self.ctx.display
+        display.usage(s.prompt_tokens + s.completion_tokens, s.cost_usd)
+        display.calls(s.requests, s.retries, s.rate_limited, s.cache_hits)
+        display.kinds(dict(self.counts.failed_by_kind), dict(s.errors_by_kind))
+
     def _report_step(self, name: str) -> None:
         callback = self.ctx.progress_callback
         if callback is None:
@@ -489,7 +500,7 @@ class Engine:
     # ---- bookkeeping -----------------------------------------------------------------
 
     def stats(self) -> CallStats:
-        return combined_stats([step.caller for step in self.ctx.steps])
+        return CallStats.total([step.caller.stats for step in self.ctx.steps])
 
     def summary(self) -> str:
         c, s = self.counts, self.stats()
@@ -535,55 +546,3 @@ class Engine:
             },
         }
         write_manifest(self.ctx.files.manifest, manifest)
-
-
-def legacy_record(state: ItemState) -> dict[str, Any]:
-    """The single-step record (the shape the core template promises)."""
-    (trace,) = state.trace.values()
-    return {**_legacy_inputs(state), "output": trace["output"],
-            **{k: trace[k] for k in ("raw_response", "model", "finish_reason", "usage",
-                                     "latency_s", "attempts", "cached", "messages")}}
-
-
-def legacy_failure(state: ItemState, step: str, error: dict[str, Any]) -> dict[str, Any]:
-    return {**_legacy_inputs(state), "error": error}
-
-
-def _legacy_inputs(state: ItemState) -> dict[str, Any]:
-    item = state.item
-    record: dict[str, Any] = {"index": item.index, "key": state.key,
-                              "user_prompt_kwargs": item.user_kwargs,
-                              "system_prompt_kwargs": item.system_kwargs}
-    if item.meta:
-        record["meta"] = item.meta
-    return record
-
-
-def steps_record(state: ItemState) -> dict[str, Any]:
-    """A multi-step record: the item, every step's trace, the last step's output."""
-    last = list(state.trace)[-1]
-    return {"index": state.item.index, "key": state.key, "item": state.context,
-            "output": state.trace[last].get("output"), "steps": state.trace}
-
-
-def steps_failure(state: ItemState, step: str, error: dict[str, Any]) -> dict[str, Any]:
-    return {"index": state.item.index, "key": state.key, "item": state.context,
-            "step": step, "error": {**error, "step": step}, "steps": state.trace}
-
-
-def combined_stats(callers: list[Caller]) -> CallStats:
-    """The call counters of every model a run used, added up."""
-    total = CallStats()
-    for caller in {id(c): c for c in callers}.values():
-        s = caller.stats
-        total.requests += s.requests
-        total.retries += s.retries
-        total.rate_limited += s.rate_limited
-        total.errors_by_kind.update(s.errors_by_kind)
-        total.prompt_tokens += s.prompt_tokens
-        total.completion_tokens += s.completion_tokens
-        total.cache_hits += s.cache_hits
-        total.cache_misses += s.cache_misses
-        total.cost_usd = (None if total.cost_usd is None or s.cost_usd is None
-                          else total.cost_usd + s.cost_usd)
-    return total

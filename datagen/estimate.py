@@ -11,14 +11,17 @@ per item: both are estimates, said so in the report.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from datagen.config import ModelConfig, Settings
 from datagen.costs import prices_for
-from datagen.pool import PoolItem
+from datagen.engine import ItemState
+from datagen.llm import runtime
+from datagen.plan import RunPlan
+from datagen.pool import open_pool, seeded_sample
+from datagen.steps import Step
 from datagen.tokens import count_tokens
 
 MESSAGE_OVERHEAD = 4  # role and separators per chat message (OpenAI's and ChatML's ~4)
@@ -118,25 +121,6 @@ class Estimate:
         return "\n".join(lines)
 
 
-def sample(items: Iterable[Any], size: int | None, seed: int) -> tuple[list[Any], int]:
-    """A seeded reservoir sample in pool order (all items when ``size`` is None), and the
-    pool's size. Streams: only the sample is held."""
-    if size is None:
-        everything = list(items)
-        return everything, len(everything)
-    rng = random.Random(seed)
-    kept: list[tuple[int, Any]] = []
-    n = 0
-    for n, item in enumerate(items, start=1):
-        if len(kept) < size:
-            kept.append((n, item))
-        else:
-            j = rng.randrange(n)
-            if j < size:
-                kept[j] = (n, item)
-    return [item for _, item in sorted(kept, key=lambda pair: pair[0])], n
-
-
 def limits_time(settings: Settings, models: list[ModelConfig], requests: float,
                 tokens: float) -> tuple[float | None, float | None]:
     m = models[0] if models else settings.model
@@ -162,3 +146,43 @@ def step_estimate(name: str, m: ModelConfig, params: dict[str, Any],
         cost_typical = prompt * prices[0] + completion / 2 * prices[1]
     return StepEstimate(name, m.model_string(), requests, prompt, completion, cost_max,
                         cost_typical, approximate)
+
+
+def dry_run(settings: Settings, plan: RunPlan, steps: list[Step], data_pool: Any,
+            sample_size: int | None, seed: int, fanout: float) -> Estimate:
+    """Render the pool's prompts (or a seeded sample, extrapolated) through the step
+    runtimes a run would use, and count; nothing is sent (no connection opens)."""
+    pool = open_pool(data_pool)
+    items = (plan.make_item(i, raw) for i, raw in enumerate(pool.raw_items()))
+    chosen, total = seeded_sample(items, sample_size, seed)
+    for item in chosen:
+        plan.check_item(item)
+    scale = total / len(chosen) if chosen else 0.0
+    result = Estimate(items=total, sampled=len(chosen))
+    callers = {name: runtime.make_caller(settings.named_model(name), 1, None)
+               for name in plan.model_names}
+    step_models = [step.model for step in steps] or [None]
+    fan_out = {step.name: step.one_to_many for step in steps}
+    multiplier = 1.0
+    stand_ins: dict[str, str] = {}  # earlier steps' outputs do not exist yet
+    for position, step_runtime in enumerate(plan.runtimes(callers)):
+        m = settings.named_model(step_models[position])
+        params = step_runtime.build_request([], None).params
+        count = token_counter(m)
+        counts = []
+        for item in chosen:
+            state = ItemState(item=item, key=item.key, context=dict(item.user_kwargs))
+            context = {**state.context, **stand_ins, "error_message": None}
+            messages, prompt = step_runtime.render(state, context, f"item {item.index}")
+            counts.append(count(messages, prompt))
+        result.steps.append(step_estimate(step_runtime.name, m, params, counts, scale,
+                                          multiplier, position > 0))
+        budget = params.get("max_tokens") or 256
+        stand_ins[step_runtime.name] = "word " * max(1, budget // 2)
+        if fan_out.get(step_runtime.name):
+            multiplier *= fanout
+    tokens = sum(s.prompt_tokens + s.max_completion_tokens / 2 for s in result.steps)
+    models = [settings.named_model(name) for name in plan.model_names]
+    result.seconds_by_rate, result.seconds_by_tokens = limits_time(settings, models,
+                                                                   result.requests, tokens)
+    return result

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import re
 import warnings
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from typing import Any
 import orjson
 
 from datagen.errors import DatagenError
+from datagen.pool import seeded_sample
 from datagen.tokens import count_tokens, encoding
 
 log = logging.getLogger("datagen.ingest")
@@ -267,13 +267,4 @@ def chunks(root: str | Path, chunk_size: int = 1000, subset_size: int | None = N
     if subset_size is None:
         yield from every()
         return
-    rng = random.Random(seed)
-    kept: list[tuple[int, dict[str, Any]]] = []
-    for n, chunk in enumerate(every()):
-        if len(kept) < subset_size:
-            kept.append((n, chunk))
-        else:
-            j = rng.randrange(n + 1)
-            if j < subset_size:
-                kept[j] = (n, chunk)
-    yield from (chunk for _, chunk in sorted(kept, key=lambda pair: pair[0]))
+    yield from seeded_sample(every(), subset_size, seed)[0]

@@ -19,7 +19,7 @@ from datagen import extract as extract_mod
 from datagen import redact
 from datagen.cache import ResponseCache
 from datagen.config import Settings, load_settings
-from datagen.engine import Engine, ItemState, RunContext
+from datagen.engine import Engine, RunContext
 from datagen.errors import ConfigError, TemplateError
 from datagen.estimate import Estimate
 from datagen.llm import runtime
@@ -227,9 +227,11 @@ class DataGenerationPipeline:
             raise ConfigError(f"resume must be True, False or 'force', got {resume!r}")
         plan = self._plan(extractor)
         pool = open_pool(data_pool)
-        if pool.reiterable:
-            for index, raw in enumerate(pool.raw_items()):
-                plan.check_item(plan.make_item(index, raw))
+        if pool.reiterable:  # every item checked before anything is sent; and counted
+            count = 0
+            for count, raw in enumerate(pool.raw_items(), start=1):
+                plan.check_item(plan.make_item(count - 1, raw))
+            pool.total = count
         for name in plan.model_names:
             runtime.check_provider(self.settings.named_model(name))
 
@@ -300,43 +302,10 @@ class DataGenerationPipeline:
         extrapolated), count tokens, and estimate cost and the time the rate limits imply.
         Sends nothing. ``fanout``: children per item assumed for one_to_many steps.
         ``print(pipeline.estimate(pool).report())``."""
-        from datagen import estimate as est
+        from datagen.estimate import dry_run
 
-        plan = self._plan(extract_function)
-        pool = open_pool(data_pool)
-        items = (plan.make_item(i, raw) for i, raw in enumerate(pool.raw_items()))
-        chosen, total = est.sample(items, sample_size, seed)
-        for item in chosen:
-            plan.check_item(item)
-        scale = total / len(chosen) if chosen else 0.0
-        result = est.Estimate(items=total, sampled=len(chosen))
-        # the same step runtimes a run would use (no connection opens until a request)
-        callers = {name: runtime.make_caller(self.settings.named_model(name), 1, None)
-                   for name in plan.model_names}
-        models = [self.settings.named_model(name) for name in plan.model_names]
-        fan_out = {step.name: step.one_to_many for step in self._steps}
-        multiplier = 1.0
-        stand_ins: dict[str, str] = {}
-        for position, step_runtime in enumerate(plan.runtimes(callers)):
-            m = self.settings.named_model(self._steps[position].model if self._steps else None)
-            params = step_runtime.build_request([], None).params
-            count = est.token_counter(m)
-            counts = []
-            for item in chosen:
-                state = ItemState(item=item, key=item.key, context=dict(item.user_kwargs))
-                context = {**state.context, **stand_ins, "error_message": None}
-                messages, prompt = step_runtime.render(state, context, f"item {item.index}")
-                counts.append(count(messages, prompt))
-            result.steps.append(est.step_estimate(step_runtime.name, m, params, counts, scale,
-                                                  multiplier, position > 0))
-            budget = params.get("max_tokens") or 256
-            stand_ins[step_runtime.name] = "word " * max(1, budget // 2)
-            if fan_out.get(step_runtime.name):
-                multiplier *= fanout
-        tokens = sum(s.prompt_tokens + s.max_completion_tokens / 2 for s in result.steps)
-        result.seconds_by_rate, result.seconds_by_tokens = est.limits_time(
-            self.settings, models, result.requests, tokens)
-        return result
+        return dry_run(self.settings, self._plan(extract_function), self._steps, data_pool,
+                       sample_size, seed, fanout)
 
     async def stream(self, data_pool: Any, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
         """Run, yielding each record as soon as it is on disk (in the order items finish).

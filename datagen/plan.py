@@ -13,14 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from datagen.config import Settings
-from datagen.engine import (
-    ItemState,
-    StepRuntime,
-    legacy_failure,
-    legacy_record,
-    steps_failure,
-    steps_record,
-)  # fmt: skip
+from datagen.engine import ItemState, StepRuntime
 from datagen.errors import DataPoolError, TemplateError, a_type
 from datagen.llm import runtime
 from datagen.llm.caller import Caller
@@ -37,6 +30,42 @@ def name_of(extractor: Any) -> str:
         return "raw"
     name = getattr(extractor, "name", None) or getattr(extractor, "__qualname__", None)
     return str(name or type(extractor).__name__)
+
+
+# ---- record shapes ----------------------------------------------------------------
+
+def legacy_record(state: ItemState) -> dict[str, Any]:
+    """The single-step record (the shape the core template promises)."""
+    (trace,) = state.trace.values()
+    return {**_legacy_inputs(state), "output": trace["output"],
+            **{k: trace[k] for k in ("raw_response", "model", "finish_reason", "usage",
+                                     "latency_s", "attempts", "cached", "messages")}}
+
+
+def legacy_failure(state: ItemState, step: str, error: dict[str, Any]) -> dict[str, Any]:
+    return {**_legacy_inputs(state), "error": error}
+
+
+def _legacy_inputs(state: ItemState) -> dict[str, Any]:
+    item = state.item
+    record: dict[str, Any] = {"index": item.index, "key": state.key,
+                              "user_prompt_kwargs": item.user_kwargs,
+                              "system_prompt_kwargs": item.system_kwargs}
+    if item.meta:
+        record["meta"] = item.meta
+    return record
+
+
+def steps_record(state: ItemState) -> dict[str, Any]:
+    """A multi-step record: the item, every step's trace, the last step's output."""
+    last = list(state.trace)[-1]
+    return {"index": state.item.index, "key": state.key, "item": state.context,
+            "output": state.trace[last].get("output"), "steps": state.trace}
+
+
+def steps_failure(state: ItemState, step: str, error: dict[str, Any]) -> dict[str, Any]:
+    return {"index": state.item.index, "key": state.key, "item": state.context,
+            "step": step, "error": {**error, "step": step}, "steps": state.trace}
 
 
 class RunPlan(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from array import array
 from collections.abc import (
     AsyncIterable,
@@ -130,9 +131,7 @@ def open_pool(data_pool: Any) -> Pool:
                 f"data pool file not found: {path}. Pass a list of items, an iterable, "
                 "or the path of an existing JSONL file."
             )
-        with open(path, "rb") as fh:
-            total = sum(1 for line in fh if line.strip())
-        return Pool(path, total, reiterable=True)
+        return Pool(path, None, reiterable=True)  # counted by the pre-check that reads it
     if isinstance(data_pool, Mapping):
         raise DataPoolError(
             "the data pool is a single dict; pass a list of items, e.g. [item], "
@@ -149,6 +148,25 @@ def open_pool(data_pool: Any) -> Pool:
         f"the data pool must be a list, an iterable of items or the path of a JSONL file, "
         f"not {a_type(data_pool)}"
     )
+
+
+def seeded_sample(items: Iterable[Any], size: int | None, seed: int) -> tuple[list[Any], int]:
+    """A seeded reservoir sample in pool order (all items when ``size`` is None), and the
+    pool's size. Streams: only the sample is held."""
+    if size is None:
+        everything = list(items)
+        return everything, len(everything)
+    rng = random.Random(seed)
+    kept: list[tuple[int, Any]] = []
+    n = 0
+    for n, item in enumerate(items, start=1):
+        if len(kept) < size:
+            kept.append((n, item))
+        else:
+            j = rng.randrange(n)
+            if j < size:
+                kept[j] = (n, item)
+    return [item for _, item in sorted(kept, key=lambda pair: pair[0])], n
 
 
 class SeenSet:

@@ -264,7 +264,7 @@ def test_displays_show_each_step() -> None:
 
 
 def test_seeded_sample_keeps_pool_order() -> None:
-    from datagen.estimate import sample
+    from datagen.pool import seeded_sample as sample
 
     chosen, n = sample(iter(range(1000)), 10, seed=4)
     assert n == 1000 and len(chosen) == 10 and chosen == sorted(chosen)

@@ -43,6 +43,23 @@ class CallStats:
     cache_misses: int = 0
     cost_usd: float | None = 0.0  # None once a call of unknown price was made
 
+    @classmethod
+    def total(cls, parts: list[CallStats]) -> CallStats:
+        """The counters of every model a run used, added up (each model counted once)."""
+        out = cls()
+        for s in {id(s): s for s in parts}.values():
+            out.requests += s.requests
+            out.retries += s.retries
+            out.rate_limited += s.rate_limited
+            out.errors_by_kind.update(s.errors_by_kind)
+            out.prompt_tokens += s.prompt_tokens
+            out.completion_tokens += s.completion_tokens
+            out.cache_hits += s.cache_hits
+            out.cache_misses += s.cache_misses
+            out.cost_usd = (None if out.cost_usd is None or s.cost_usd is None
+                            else out.cost_usd + s.cost_usd)
+        return out
+
 
 def estimate_tokens(request: ChatRequest) -> int:
     """Tokens a request may use, before it is sent: prompt characters / 4 + the budget."""
@@ -79,7 +96,7 @@ class Caller:
                 self.stats.cache_hits += 1
                 return hit, 0
             self.stats.cache_misses += 1
-        estimate = estimate_tokens(request)
+        estimate = estimate_tokens(request) if self.throttle.counts_tokens else 0
         attempt = 0
         while True:
             attempt += 1

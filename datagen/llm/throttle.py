@@ -153,6 +153,11 @@ class Throttle:
         self.concurrency = AdaptiveConcurrency(concurrency) if concurrency else None
         self._paused_until = 0.0  # time.monotonic() deadline shared by all workers
 
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether a tokens-per-minute budget is enforced (else no estimate is needed)."""
+        return self._tokens is not None
+
     def pause(self, seconds: float) -> None:
         """Hold every worker for ``seconds`` (a provider's Retry-After)."""
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
@@ -176,7 +181,7 @@ class Throttle:
             await self._tokens.take(tokens)
 
     def used_tokens(self, estimated: int, actual: int) -> None:
-        if self._tokens is not None:
+        if self._tokens is not None and estimated:
             self._tokens.adjust(estimated - actual)
 
     @asynccontextmanager
