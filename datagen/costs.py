@@ -10,11 +10,11 @@ self-hosted one; the embedded model costs nothing).
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from datagen.config import ModelConfig
 
@@ -22,14 +22,25 @@ Prices = tuple[float, float]  # dollars per input token, per output token
 
 
 @lru_cache(maxsize=1)
-def price_map() -> dict[str, Any]:
+def _price_text() -> str:
     spec = importlib.util.find_spec("litellm")
     for location in (spec.submodule_search_locations or []) if spec else []:
         path = Path(location) / "model_prices_and_context_window_backup.json"
         if path.is_file():
-            data: dict[str, Any] = orjson.loads(path.read_bytes())
-            return data
-    return {}
+            return path.read_text(encoding="utf-8")
+    return ""
+
+
+@lru_cache(maxsize=64)
+def price_entry(name: str) -> dict[str, Any] | None:
+    """One model's entry of the price map. Only that entry is decoded: the whole map as
+    Python objects is ~10 MB a run would carry for one or two prices."""
+    text = _price_text()
+    match = re.search(rf'^\s*"{re.escape(name)}"\s*:\s*(?=\{{)', text, re.MULTILINE)
+    if match is None:
+        return None
+    entry, _ = json.JSONDecoder().raw_decode(text, match.end())
+    return entry if isinstance(entry, dict) else None
 
 
 def prices_for(m: ModelConfig) -> Prices | None:
@@ -40,11 +51,10 @@ def prices_for(m: ModelConfig) -> Prices | None:
         return (0.0, 0.0)
     # A name the map knows is priced even behind a base_url (a proxy or gateway); a
     # self-hosted model's name is not in it, and its price stays unknown.
-    prices = price_map()
     name = m.model.removeprefix(f"{m.provider}/")
     for key in (f"{m.provider}/{name}", name):
-        entry = prices.get(key)
-        if isinstance(entry, dict) and "input_cost_per_token" in entry:
+        entry = price_entry(key)
+        if entry is not None and "input_cost_per_token" in entry:
             return (float(entry["input_cost_per_token"]),
                     float(entry.get("output_cost_per_token", 0.0)))
     return None

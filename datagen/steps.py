@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 from datagen.prompts import StepPrompt
@@ -52,17 +53,26 @@ def validation_reason(result: Any) -> str | None:
             "reason string")
 
 
+@lru_cache(maxsize=512)
+def _arity(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments ``fn`` takes (None: any number). Cached: it runs for
+    every item, and inspect.signature costs more than the call."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return max(1, sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params))
+
+
 async def call_user_function(fn: Callable[..., Any], *args: Any) -> Any:
     """Call a user's function, sync or async, with as many arguments as it takes."""
     try:
-        params = inspect.signature(fn).parameters.values()
-        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY,
-                                                     p.POSITIONAL_OR_KEYWORD)]
-        takes_all = any(p.kind == p.VAR_POSITIONAL for p in params)
-        args = args if takes_all else args[: max(1, len(positional))]
-    except (TypeError, ValueError):  # builtins without a signature
-        pass
-    result = fn(*args)
+        arity = _arity(fn)
+    except TypeError:  # an unhashable callable: work it out every time
+        arity = _arity.__wrapped__(fn)
+    result = fn(*(args if arity is None else args[:arity]))
     if inspect.isawaitable(result):
         result = await result
     return result
