@@ -55,8 +55,7 @@ async def storm(items: int = 500, rate: float = 25, concurrency: int = 16,
         results = await pipeline.run(make_pool(items), concurrency_limit=concurrency,
                                      extract_function=extract.tag("draft"))
         seconds = time.monotonic() - started
-        files = pipeline.last_run_files
-        assert files is not None
+        files = results.files
         failures, _ = read_lines(files.failures)
         import orjson
 

@@ -2,7 +2,8 @@
 ``datagen --help`` answers at once.
 
 Exit codes: 0 all done; 1 the run finished with failures above --max-failure-rate;
-2 a usage or configuration error; 130 interrupted.
+2 a usage, configuration or pipeline-code error; 3 a file could not be written (disk
+full); 130 interrupted (Ctrl+C); 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_WRITE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 RUN_EXAMPLES = """examples:
   datagen run                                  the pipeline folder you are in
@@ -24,9 +25,20 @@ RUN_EXAMPLES = """examples:
 """
 
 
-def _error(message: object) -> int:
-    print(f"datagen: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+def _error(message: object, code: int = 2) -> int:
+    from datagen.redact import redact
+
+    print(f"datagen: error: {redact(str(message))}", file=sys.stderr)
+    return code
+
+
+def exit_code(exc: Exception) -> int:
+    """2 for what the user must fix (config, code, data); 3 when a file could not be
+    written (a full disk): fix the disk, then --resume."""
+    from datagen.errors import OutputError
+
+    return EXIT_WRITE if isinstance(exc, OutputError) and getattr(
+        exc, "kind", "") == "write_error" else EXIT_USAGE
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,32 +82,42 @@ def _run(args: argparse.Namespace) -> int:
             print(_dry_run_report(folder, pool, args))
             return EXIT_OK
         extractor = None if pipeline.step_names else folder.extract_function
-        results = asyncio.run(pipeline.run(pool, concurrency_limit=args.concurrency,
-                                           extract_function=extractor, resume=args.resume,
-                                           progress=not args.no_progress, collect=False))
-    except (KeyboardInterrupt, RunInterrupted):
+        result = asyncio.run(pipeline.run(pool, concurrency_limit=args.concurrency,
+                                          extract_function=extractor, resume=args.resume,
+                                          progress=not args.no_progress, collect=False))
+    except RunInterrupted as stop:
+        _interrupted(stop.result, args)
+        return stop.exit_code
+    except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except DatagenError as exc:
-        return _error(exc)
-    del results
-    files = pipeline.last_run_files
-    assert files is not None
-    import orjson
-
-    manifest = orjson.loads(files.manifest.read_bytes())
-    counts = manifest["counts"]
-    print(f"results: {files.results} ({counts['results_in_file']} records)")
+        return _error(exc, exit_code(exc))
+    counts = result.counts
+    print(f"results: {result.files.results} ({counts['results_in_file']} records)")
     if counts["failed"]:
-        print(f"failures: {files.failures} ({counts['failed']} this run)")
-    exported = folder.export(files.results)
+        print(f"failures: {result.files.failures} ({counts['failed']} this run)")
+    if counts.get("dropped"):
+        print(f"dropped: {result.files.dropped} ({counts['dropped']} this run, by filters)")
+    try:
+        exported = folder.export(result.files.results)
+    except DatagenError as exc:
+        return _error(exc)
     if exported is not None:
         print(f"exported: {exported}")
-    finished = counts["finished"]
-    if finished and counts["failed"] / finished > args.max_failure_rate:
+    if result.failure_rate() > args.max_failure_rate:
+        finished = counts["succeeded"] + counts["failed"]
         print(f"datagen: {counts['failed']} of {finished} items failed, above "
               f"--max-failure-rate {args.max_failure_rate:g}", file=sys.stderr)
         return EXIT_FAILURES
     return EXIT_OK
+
+
+def _interrupted(result: Any, args: argparse.Namespace) -> None:
+    """After Ctrl+C or SIGTERM: where the records are and how to continue."""
+    print(f"datagen: interrupted; {result.counts['results_in_file']} records in "
+          f"{result.files.results}", file=sys.stderr)
+    path = "" if args.path == "." else f" {args.path}"
+    print(f"datagen: continue with: datagen run{path} --resume", file=sys.stderr)
 
 
 def _dry_run_report(folder: Any, pool: Any, args: argparse.Namespace) -> str:

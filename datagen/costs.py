@@ -4,7 +4,8 @@ The map is read as the JSON file litellm ships (``model_prices_and_context_windo
 .json``), without importing litellm: the fast transport never pays litellm's import time,
 and nothing reaches for the network. ``model.input_cost_per_million`` and
 ``output_cost_per_million`` in config override it (and price any model it lacks, e.g. a
-self-hosted one; the embedded model costs nothing).
+self-hosted one). Providers datagen serves itself (the embedded model, test fakes) carry
+their own prices (``datagen.llm.providers``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ def prices_for(m: ModelConfig) -> Prices | None:
     """Dollars per token for a model, or None when its price is unknown."""
     if m.input_cost_per_million is not None or m.output_cost_per_million is not None:
         return ((m.input_cost_per_million or 0.0) / 1e6, (m.output_cost_per_million or 0.0) / 1e6)
-    if m.is_embedded() or m.provider == "fake":
-        return (0.0, 0.0)
+    from datagen.llm.providers import registered
+
+    plugin = registered(m)
+    if plugin is not None:  # served by datagen itself (the embedded model, test fakes)
+        return plugin.prices
     # A name the map knows is priced even behind a base_url (a proxy or gateway); a
     # self-hosted model's name is not in it, and its price stays unknown.
     name = m.model.removeprefix(f"{m.provider}/")

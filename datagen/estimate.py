@@ -17,18 +17,18 @@ from typing import Any
 
 from datagen.config import ModelConfig, Settings
 from datagen.costs import prices_for
-from datagen.engine import ItemState
 from datagen.llm import runtime
-from datagen.plan import RunPlan
-from datagen.pool import open_pool, seeded_sample
+from datagen.plan import ItemState, Plan, StepRuntime
+from datagen.pool import PoolItem, checked_items, open_pool, seeded_sample
 from datagen.steps import Step
 from datagen.tokens import count_tokens
+from datagen.usercode import arguments
 
 MESSAGE_OVERHEAD = 4  # role and separators per chat message (OpenAI's and ChatML's ~4)
 REPLY_PRIMING = 3
 
 
-Counter = Callable[[list[dict[str, str]] | None, str | None], int]
+Counter = Callable[[list[dict[str, Any]] | None, str | None], int]
 
 
 def token_counter(m: ModelConfig) -> Counter:
@@ -148,15 +148,50 @@ def step_estimate(name: str, m: ModelConfig, params: dict[str, Any],
                         cost_typical, approximate)
 
 
-def dry_run(settings: Settings, plan: RunPlan, steps: list[Step], data_pool: Any,
+def _call_sync(fn: Callable[..., Any], *args: Any) -> Any:
+    """A user's function from sync code: an async one runs on a loop of its own."""
+    import asyncio
+    import inspect
+
+    result = fn(*arguments(fn, args))
+    if not inspect.isawaitable(result):
+        return result
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_awaited(result))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # inside a running loop: another thread's loop
+        return pool.submit(asyncio.run, _awaited(result)).result()
+
+
+async def _awaited(value: Any) -> Any:
+    return await value
+
+
+def _render_count(step: StepRuntime, item: PoolItem, stand_ins: dict[str, str],
+                  count: Counter) -> int:
+    """One item's prompt tokens at ``step``, rendered as the run would render it: with
+    the step's input_processor applied (it may add what the template uses)."""
+    state = ItemState(item=item, key=item.key, context=dict(item.user_kwargs))
+    context: dict[str, Any] = {**state.context, **stand_ins}
+    if step.input_processor is not None:
+        context = dict(_call_sync(step.input_processor, context))
+    context["error_message"] = None
+    messages, prompt, _ = step.render(state, context, f"item {item.index}")
+    return count(messages, prompt)
+
+
+def dry_run(settings: Settings, plan: Plan, steps: list[Step], data_pool: Any,
             sample_size: int | None, seed: int, fanout: float) -> Estimate:
     """Render the pool's prompts (or a seeded sample, extrapolated) through the step
     runtimes a run would use, and count; nothing is sent (no connection opens)."""
     pool = open_pool(data_pool)
-    items = (plan.make_item(i, raw) for i, raw in enumerate(pool.raw_items()))
+    # every item checked as a run checks it (one place: pool.checked_items)
+    items = checked_items(pool, plan.make_item, plan.check_item)
     chosen, total = seeded_sample(items, sample_size, seed)
-    for item in chosen:
-        plan.check_item(item)
+    total *= settings.run.samples
     scale = total / len(chosen) if chosen else 0.0
     result = Estimate(items=total, sampled=len(chosen))
     callers = {name: runtime.make_caller(settings.named_model(name), 1, None)
@@ -169,16 +204,12 @@ def dry_run(settings: Settings, plan: RunPlan, steps: list[Step], data_pool: Any
         m = settings.named_model(step_models[position])
         params = step_runtime.build_request([], None).params
         count = token_counter(m)
-        counts = []
-        for item in chosen:
-            state = ItemState(item=item, key=item.key, context=dict(item.user_kwargs))
-            context = {**state.context, **stand_ins, "error_message": None}
-            messages, prompt = step_runtime.render(state, context, f"item {item.index}")
-            counts.append(count(messages, prompt))
-        result.steps.append(step_estimate(step_runtime.name, m, params, counts, scale,
+        counts = [_render_count(step_runtime, item, stand_ins, count) for item in chosen]
+        result.steps.append(step_estimate(step_runtime.name, m, dict(params), counts, scale,
                                           multiplier, position > 0))
         budget = params.get("max_tokens") or 256
         stand_ins[step_runtime.name] = "word " * max(1, budget // 2)
+        multiplier *= step_runtime.samples
         if fan_out.get(step_runtime.name):
             multiplier *= fanout
     tokens = sum(s.prompt_tokens + s.max_completion_tokens / 2 for s in result.steps)

@@ -29,6 +29,7 @@ class Extractor(Generic[T]):
     """A named ``str -> T`` callable. Subclasses implement :meth:`extract`."""
 
     name: str = "extractor"
+    datagen_builtin = True  # trusted: runs on the event loop, no thread hand-off
     tag_name: str | None = None
     json_schema: dict[str, Any] | None = None
 

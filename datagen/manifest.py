@@ -1,13 +1,15 @@
-"""The run manifest and the fingerprint that guards resume.
+"""The run manifest (built here, in one place) and the fingerprint that guards resume.
 
-The fingerprint lists what shapes the output: the templates' text, the model, every
-sampling parameter, the extractor's name. Resuming a run whose fingerprint differs would
-mix two datasets in one file, so it is an error that says what changed (unless forced).
+The fingerprint lists what shapes the output: the endpoint (provider and server), the
+model, every sampling parameter, the templates' text, the extractor's name. Resuming a
+run whose fingerprint differs would mix two datasets in one file, so it is an error that
+says what changed (unless forced).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,12 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def fingerprint(*, model: str, sampling: dict[str, Any], templates: dict[str, str | None],
-                extractor: str) -> dict[str, Any]:
+def fingerprint(*, model: str, endpoint: str, sampling: dict[str, Any],
+                templates: dict[str, str | None], extractor: str) -> dict[str, Any]:
     """The components of a run's fingerprint (template texts as hashes)."""
     return {
         "model": model,
+        "endpoint": endpoint,
         "sampling": orjson.loads(orjson.dumps(sampling, option=orjson.OPT_SORT_KEYS,
                                               default=repr)),
         "templates": {name: (_digest(text) if text is not None else None)
@@ -39,8 +42,9 @@ def fingerprint(*, model: str, sampling: dict[str, Any], templates: dict[str, st
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     changes: list[str] = []
-    if old.get("model") != new["model"]:
-        changes.append(f"model: {old.get('model')} -> {new['model']}")
+    for field in ("endpoint", "model"):
+        if field in old and old.get(field) != new[field]:
+            changes.append(f"{field}: {old.get(field)} -> {new[field]}")
     old_s, new_s = old.get("sampling") or {}, new["sampling"]
     for key in sorted(set(old_s) | set(new_s)):
         if old_s.get(key) != new_s.get(key):
@@ -78,3 +82,17 @@ def check_resume(previous: dict[str, Any] | None, current: dict[str, Any], resul
             + "\nStart a new run (resume=False), undo the change, or pass resume='force' to "
             "append to it anyway."
         )
+
+
+def build_manifest(base: Mapping[str, Any], *, status: str, error: dict[str, str] | None,
+                   started_at: str, updated_at: str, files: Mapping[str, str],
+                   counts: Mapping[str, Any], steps: Mapping[str, Any],
+                   calls: Mapping[str, Any], tokens: Mapping[str, int],
+                   cost_usd: float | None, timings: Mapping[str, Any],
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of a run, the one place its shape is defined."""
+    return {**base, "status": status, "error": error, "started_at": started_at,
+            "updated_at": updated_at, "files": dict(files), "counts": dict(counts),
+            "steps": dict(steps), "calls": dict(calls), "tokens": dict(tokens),
+            "cost_usd": round(cost_usd, 6) if cost_usd is not None else None,
+            "timings": dict(timings), **(extra or {})}

@@ -1,8 +1,8 @@
 """DataGenerationPipeline: config + prompts + a data pool -> a JSONL dataset on disk.
 
-This module is the user's side: configuration, prompt loading, the checks made before
-anything is sent, and the choice of run files (new, or the one being resumed). The
-engine (``datagen.engine``) then carries every item to the disk.
+This module is the user's side: configuration, the step builder, and ``run()``, which
+prepares a job (``datagen.prepare``: every check made before anything is sent, the run's
+files) and hands it to an executor (``datagen.executors``), which runs the engine.
 """
 
 from __future__ import annotations
@@ -10,38 +10,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datagen import extract as extract_mod
 from datagen import redact
-from datagen.cache import ResponseCache
 from datagen.config import Settings, load_settings
-from datagen.engine import Engine, RunContext
+from datagen.engine.job import Job, RunOptions
 from datagen.errors import ConfigError, TemplateError
 from datagen.estimate import Estimate
 from datagen.llm import runtime
-from datagen.llm.errors import CallError
-from datagen.manifest import check_resume, read_manifest
-from datagen.plan import RunPlan, SingleStepPlan, StepsPlan
-from datagen.pool import ItemSource, open_pool
-from datagen.progress import make_display
-from datagen.prompts import ChatPrompt
-from datagen.runlog import RunLog
+from datagen.plan import Plan
+from datagen.plans import SingleStepPlan, StepsPlan
+from datagen.prompts import ChatPrompt, StepPrompt, Syntax, find_prompt
+from datagen.result import RunResult
 from datagen.steps import DEFAULT_VALIDATION_RETRIES, CallEvent, Step
-from datagen.store import JsonlSink, RunFiles, read_index, repair_torn_tail
+
+if TYPE_CHECKING:
+    from datagen.streaming import RecordStream
 
 log = logging.getLogger("datagen.pipeline")
 ExtractFunction = Callable[[str], Any]
-CACHE_FILE = ".datagen_cache.sqlite"
+PromptPath = str | PathLike[str]
 
 
-def _version() -> str:
-    from datagen import __version__
-
-    return __version__
+def register_secrets(settings: Settings) -> None:
+    """Every credential of the configuration, for the redactor (see datagen.redact)."""
+    models = [settings.model.model_dump(mode="python"), *settings.models.values()]
+    for model in models:
+        key = model.get("api_key")
+        if key is not None and hasattr(key, "get_secret_value"):
+            model = {**model, "api_key": key.get_secret_value()}
+        redact.register_model(model)
+    redact.register_credentials(settings.params, "params")
+    redact.register_environment()
 
 
 class DataGenerationPipeline:
@@ -64,23 +68,25 @@ class DataGenerationPipeline:
         self._config_source: Any = (Path(config).expanduser().resolve()
                                     if isinstance(config, (str, PathLike)) else config)
         self._overrides = dict(overrides)
-        api_key = self.settings.model.api_key
-        redact.register(api_key.get_secret_value() if api_key else None)
-        redact.register_environment()
+        register_secrets(self.settings)
         self._prompt: ChatPrompt | None = None
         if self.settings.prompts.user_prompt_path:
             self._prompt = self._load_prompt()
-        self.last_run_files: RunFiles | None = None
         self._steps: list[Step] = []
         self._observers: dict[str, list[Callable[[CallEvent], Any]]] = {"before": [],
                                                                          "after": []}
 
     # ---- builder helpers -------------------------------------------------------------
 
+    @property
+    def syntax(self) -> Syntax:
+        prompts = self.settings.prompts
+        return Syntax(prompts.syntax, frozenset(prompts.literal_placeholders))
+
     def _load_prompt(self) -> ChatPrompt:
         return ChatPrompt.from_files(
-            self.settings.prompts.user_prompt_path, self.settings.prompts.system_prompt_path
-        )
+            self.settings.prompts.user_prompt_path, self.settings.prompts.system_prompt_path,
+            self.syntax)
 
     @staticmethod
     def make_default_extractor(pattern_name: str = "draft") -> extract_mod.TagExtractor:
@@ -96,7 +102,8 @@ class DataGenerationPipeline:
         return copy
 
     def transport_name(self) -> str:
-        """'openai' (the fast aiohttp path) or 'litellm', as model.transport resolves."""
+        """Which transport serves the main model: 'openai' or 'anthropic' (datagen's fast
+        paths), 'litellm', or a registered provider ('local', 'fake')."""
         return runtime.transport_name(self.settings.model)
 
     @property
@@ -109,7 +116,7 @@ class DataGenerationPipeline:
     def step(
         self,
         name: str,
-        prompt: str | PathLike[str],
+        prompt: PromptPath | Sequence[PromptPath],
         extract: ExtractFunction | None = None,
         validate: Callable[..., Any] | None = None,
         input_processor: Callable[..., Any] | None = None,
@@ -118,43 +125,36 @@ class DataGenerationPipeline:
         max_retries: int | None = None,
         one_to_many: bool = False,
         response_format: Any = None,
-        system_prompt: str | PathLike[str] | None = None,
+        system_prompt: PromptPath | None = None,
         mode: str = "chat",
         stop: list[str] | None = None,
+        keep: Callable[..., Any] | None = None,
+        samples: int = 1,
+        syntax: str | None = None,
     ) -> DataGenerationPipeline:
         """Add a step; returns the pipeline, so steps chain.
 
         ``prompt``: a ``.yaml`` chat prompt (a list of {role, content}, few-shot turns
-        welcome) or a ``.txt`` user prompt (with ``system_prompt=`` a ``.txt`` system
-        prompt), found in the pipeline's own ``prompts/`` first, then in ``prompts.dirs``.
+        welcome, ending with the assistant's opening words for a prefill) or a ``.txt``
+        user prompt (with ``system_prompt=`` a ``.txt`` system prompt), found in the
+        pipeline's own ``prompts/`` first, then in ``prompts.dirs``. A list of prompts
+        picks one per item, by its key (the same one on every run; the record says which).
         Templates see the item's fields, every earlier step's output under its name, and
-        ``error_message``. ``extract`` turns the text into the step's output (default: the
-        text, or ``response_format``'s model); ``validate(output, context)`` returns True,
-        False, (False, reason) or a reason; a failure is retried with the reason in
-        ``error_message`` up to ``max_retries`` (default 2). ``model`` names a model of
-        the config's ``models:`` section. ``one_to_many``: the output is a list, and each
-        element continues through the later steps as its own item. ``mode="completion"``
-        sends the rendered text to a text-completion endpoint (base models), with ``stop``.
+        ``error_message``; ``syntax="format"`` reads them as str.format (``{name}``).
+        ``extract`` turns the text into the step's output (default: the text, or
+        ``response_format``'s model); ``validate(output, context)`` returns True, False,
+        (False, reason) or a reason; a failure is retried with the reason in
+        ``error_message`` up to ``max_retries`` (default 2). Returning ``DROP`` from the
+        extractor or validator, or False from ``keep(output, context)``, drops the item (a
+        filter: counted and listed, never a failure). ``model`` names a model of the
+        config's ``models:`` section. ``one_to_many``: the output is a list, and each
+        element continues through the later steps as its own item. ``samples=N``: N
+        outputs per input, each continuing as its own item. ``mode="completion"`` sends
+        the rendered text to a text-completion endpoint (base models), with ``stop``.
         """
-        from datagen.prompts import StepPrompt, find_prompt
-
-        if not name.isidentifier() or name in ("error_message", "item"):
-            raise ConfigError(f"step name {name!r} must be a Python identifier (templates "
-                              "use it as a variable) and not 'error_message' or 'item'")
-        if any(existing.name == name for existing in self._steps):
-            raise ConfigError(f"a step named {name!r} already exists")
-        if mode not in ("chat", "completion"):
-            raise ConfigError(f"step '{name}': mode must be 'chat' or 'completion'")
-        self.settings.named_model(model)  # an unknown name fails here, naming the step's model
-        search = self._prompt_dirs()
-        try:
-            files = find_prompt(prompt, search, name)
-            system = find_prompt(system_prompt, search, name) if system_prompt else None
-            loaded = StepPrompt.load(files, system)
-        except TemplateError as exc:
-            text = str(exc)
-            raise TemplateError(text if text.startswith("step '") else f"step '{name}': {text}"
-                                ) from None
+        self._check_step_args(name, mode, samples, max_retries, model)
+        chosen = Syntax(syntax, self.syntax.literal) if syntax else self.syntax
+        prompts = self._load_step_prompts(name, prompt, system_prompt, chosen)
         if extract is None and response_format is not None and not isinstance(
                 response_format, dict):
             extract = extract_mod.json(response_format)
@@ -162,12 +162,46 @@ class DataGenerationPipeline:
         if stop is not None:
             step_sampling["stop"] = stop
         self._steps.append(Step(
-            name=name, prompt=loaded, extract=extract, validate=validate,
+            name=name, prompts=prompts, extract=extract, validate=validate, keep=keep,
             input_processor=input_processor, sampling=step_sampling, model=model,
             max_retries=DEFAULT_VALIDATION_RETRIES if max_retries is None else max_retries,
-            one_to_many=one_to_many, response_format=response_format,
+            one_to_many=one_to_many, samples=samples, response_format=response_format,
             mode="completion" if mode == "completion" else "chat"))
         return self
+
+    def _check_step_args(self, name: str, mode: str, samples: int, max_retries: int | None,
+                         model: str | None) -> None:
+        if not name.isidentifier() or name in ("error_message", "item"):
+            raise ConfigError(f"step name {name!r} must be a Python identifier (templates "
+                              "use it as a variable) and not 'error_message' or 'item'")
+        if any(existing.name == name for existing in self._steps):
+            raise ConfigError(f"a step named {name!r} already exists")
+        if mode not in ("chat", "completion"):
+            raise ConfigError(f"step '{name}': mode must be 'chat' or 'completion'")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ConfigError(f"step '{name}': samples must be a whole number >= 1, got "
+                              f"{samples!r}")
+        if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(
+                max_retries, int) or max_retries < 0):
+            raise ConfigError(f"step '{name}': max_retries must be a whole number >= 0, got "
+                              f"{max_retries!r}")
+        self.settings.named_model(model)  # an unknown name fails here, naming the model
+
+    def _load_step_prompts(self, name: str, prompt: PromptPath | Sequence[PromptPath],
+                           system_prompt: PromptPath | None, syntax: Syntax
+                           ) -> tuple[StepPrompt, ...]:
+        names = [prompt] if isinstance(prompt, (str, PathLike)) else list(prompt)
+        if not names:
+            raise ConfigError(f"step '{name}': prompt= is an empty list")
+        search = self._prompt_dirs()
+        try:
+            system = find_prompt(system_prompt, search, name) if system_prompt else None
+            return tuple(StepPrompt.load(find_prompt(one, search, name), system, syntax)
+                         for one in names)
+        except TemplateError as exc:
+            text = str(exc)
+            raise TemplateError(text if text.startswith("step '") else f"step '{name}': {text}"
+                                ) from None
 
     def on_call(self, before: Callable[[CallEvent], Any] | None = None,
                 after: Callable[[CallEvent], Any] | None = None) -> DataGenerationPipeline:
@@ -189,7 +223,7 @@ class DataGenerationPipeline:
 
     # ---- running ---------------------------------------------------------------------
 
-    def run_sync(self, data_pool: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    def run_sync(self, data_pool: Any, **kwargs: Any) -> RunResult:
         """``run()`` for scripts without an event loop of their own."""
         return asyncio.run(self.run(data_pool, **kwargs))
 
@@ -204,96 +238,72 @@ class DataGenerationPipeline:
         resume: bool | str | None = None,
         on_record: Callable[[dict[str, Any]], Any] | None = None,
         progress_callback: Callable[[str, float, str], Any] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Generate one record per pool item; return the successful records in input order.
+        executor: Any = "local",
+    ) -> RunResult:
+        """Generate one record per pool item; return a :class:`RunResult`: the records
+        in input order (a list), with the run's ``files``, ``counts``, ``status`` and
+        ``manifest``.
 
         Every record is appended to the results file as soon as its item finishes; items
         that fail (after retries, or in extraction) go to the failures file with the
-        reason. ``resume=True`` (or ``run.resume`` in config) continues the newest run of
-        this experiment, skipping items already in its results. With ``collect=False``
-        nothing is kept in memory and ``[]`` is returned. ``on_record`` (sync or async) is
-        called with each record once it is on disk; ``progress_callback(task_id, fraction,
-        message)`` as steps complete (task_id: the step's name).
-        """
-        extractor = self._pick_extractor(extract_function, parse_response)
-        if self._steps and extractor is not None:
-            raise ConfigError("a multi-step pipeline takes its extractors per step: "
-                              ".step(..., extract=...), not run(extract_function=...)")
-        concurrency = concurrency_limit or self.settings.run.concurrency_limit
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigError(f"concurrency_limit must be a whole number >= 1, got {concurrency!r}")
-        resume = self.settings.run.resume if resume is None else resume
-        if resume not in (True, False, "force"):
-            raise ConfigError(f"resume must be True, False or 'force', got {resume!r}")
-        plan = self._plan(extractor)
-        pool = open_pool(data_pool)
-        if pool.reiterable:  # every item checked before anything is sent; and counted
-            count = 0
-            for count, raw in enumerate(pool.raw_items(), start=1):
-                plan.check_item(plan.make_item(count - 1, raw))
-            pool.total = count
-        for name in plan.model_names:
-            runtime.check_provider(self.settings.named_model(name))
+        reason, dropped ones to the dropped file. ``resume=True`` (or ``run.resume`` in
+        config) continues the newest run of this experiment, skipping items already done.
+        With ``collect=False`` nothing is kept in memory (the result is an empty list
+        with its counts). ``on_record`` (sync or async) is called with each record once
+        it is on disk; ``progress_callback(task_id, fraction, message)`` as steps
+        complete. ``executor``: "local" (this process) or "ray". An error that stops the
+        run carries what was done as ``.result``.
 
-        files, done_keys = self._open_run_files(resume, plan.fingerprint)
-        self.last_run_files = files
-        show = self.settings.run.progress if progress is None else progress
-        run = self.settings.run
-        cache = None
-        if run.cache:
-            cache = ResponseCache(run.cache_path or Path(self.settings.output_data.output_dir)
-                                  / CACHE_FILE)
-        callers = {name: runtime.make_caller(self.settings.named_model(name), concurrency,
-                                             cache) for name in plan.model_names}
-        model = self.settings.model
-        ctx = RunContext(
-            steps=plan.runtimes(callers),
-            make_record=plan.make_record,
-            make_failure=plan.make_failure,
-            check_item=plan.check_item,
-            files=files,
-            results_sink=JsonlSink(files.results, self.settings.output_data.fsync_interval),
-            failures_sink=JsonlSink(files.failures, self.settings.output_data.fsync_interval),
-            display=make_display(show, self.settings.output_data.experiment_name,
-                                 [step.name for step in self._steps]),
-            prechecked=pool.reiterable,
-            collect=collect,
-            done_keys=done_keys,
-            cache_salt=run.cache_salt,
-            shutdown_timeout=run.shutdown_timeout,
-            fatal_message=self._fatal_message,
-            on_record=on_record,
-            observers={k: list(v) for k, v in self._observers.items()},
-            debug_dir=files.results.with_name(files.results.stem + "_debug") if run.debug
-            else None,
-            progress_callback=progress_callback,
-            meta_sink=JsonlSink(files.results.with_name(files.results.stem + "_meta.jsonl"),
-                                self.settings.output_data.fsync_interval)
-            if run.meta_datagen else None,
-            manifest_base={"datagen_version": _version(), "model": model.model_string(),
-                           "extractor": plan.extractor_name, "fingerprint": plan.fingerprint,
-                           "resumed": bool(done_keys), "config": self.settings.public_dict()},
-        )
-        engine = Engine(ctx, ItemSource(pool, plan.make_item))
-        try:
-            with RunLog(files.log):
-                log.info("run started: model %s, %s items, concurrency %d, output %s%s",
-                         model.model_string(),
-                         pool.total if pool.total is not None else "unknown", concurrency,
-                         files.results,
-                         f" (resuming: {len(done_keys)} done)" if done_keys else "")
-                await engine.run(concurrency, pool.total)
-        finally:
-            for caller in callers.values():
-                await caller.transport.aclose()
-            if cache is not None:
-                cache.close()
-        counts = engine.counts
-        if counts.succeeded + counts.failed + counts.skipped == 0:
+        ``run()`` is :meth:`prepare` (every check, the run's files) then :meth:`execute`.
+        """
+        job = self.prepare(data_pool, concurrency_limit=concurrency_limit,
+                           extract_function=extract_function, parse_response=parse_response,
+                           progress=progress, collect=collect, resume=resume,
+                           on_record=on_record, progress_callback=progress_callback,
+                           executor=executor)
+        return await self.execute(job, executor)
+
+    def prepare(self, data_pool: Any, concurrency_limit: int | None = None,
+                extract_function: ExtractFunction | None = None,
+                parse_response: ExtractFunction | None = None, progress: bool | None = None,
+                collect: bool = True, resume: bool | str | None = None,
+                on_record: Callable[[dict[str, Any]], Any] | None = None,
+                progress_callback: Callable[[str, float, str], Any] | None = None,
+                executor: Any = "local") -> Job:
+        """Everything :meth:`run` does before the first request: the checks (a bad pool,
+        template or config raises here, before anything is sent or written), the run's
+        files (``job.files``, locked), the callers. Hand the job to :meth:`execute`."""
+        from datagen.executors import get_executor
+        from datagen.prepare import prepare
+
+        get_executor(executor)  # an unknown executor fails before anything is opened
+        plan = self._plan(self._pick_extractor(extract_function, parse_response))
+        options = self._options(collect, on_record, progress_callback)
+        return prepare(self.settings, plan, data_pool, concurrency=concurrency_limit,
+                       resume=resume, options=options, step_names=self.step_names,
+                       progress=progress)
+
+    async def execute(self, job: Job, executor: Any = "local") -> RunResult:
+        """Run a prepared job to the disk (see :meth:`prepare`)."""
+        from datagen.executors import get_executor
+
+        result: RunResult = await get_executor(executor)(job)
+        if result.counts["finished"] + result.counts["skipped_done"] == 0:
             message = "the data pool is empty: nothing was generated"
             log.warning(message)
             warnings.warn(message, stacklevel=2)
-        return [engine.results[i] for i in sorted(engine.results)]
+        return result
+
+    def _options(self, collect: bool, on_record: Callable[[dict[str, Any]], Any] | None,
+                 progress_callback: Callable[[str, float, str], Any] | None) -> RunOptions:
+        run = self.settings.run
+        return RunOptions(
+            collect=collect, on_record=on_record, progress_callback=progress_callback,
+            observers={k: list(v) for k, v in self._observers.items()}, debug=run.debug,
+            meta_datagen=run.meta_datagen, shutdown_timeout=run.shutdown_timeout,
+            user_code_timeout=run.user_code_timeout,
+            fsync_interval=self.settings.output_data.fsync_interval,
+            cache_salt=run.cache_salt)
 
     def estimate(self, data_pool: Any, sample_size: int | None = None, seed: int = 0,
                  extract_function: ExtractFunction | None = None, fanout: float = 1.0
@@ -307,58 +317,24 @@ class DataGenerationPipeline:
         return dry_run(self.settings, self._plan(extract_function), self._steps, data_pool,
                        sample_size, seed, fanout)
 
-    async def stream(self, data_pool: Any, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, data_pool: Any, **kwargs: Any) -> RecordStream:
         """Run, yielding each record as soon as it is on disk (in the order items finish).
 
         Memory stays flat for any pool size: nothing is collected, and a consumer slower
         than the model holds the workers back instead of piling records up. Takes the
-        keywords of :meth:`run` (but ``collect`` and ``on_record``). Breaking out of the
-        loop stops the run (the manifest says ``interrupted``; resume continues it).
+        keywords of :meth:`run` (but ``collect`` and ``on_record``); the run is prepared
+        (checked, files opened: ``stream.files``) at once. Leaving the loop stops the run
+        (the manifest says ``interrupted``; resume continues it); ``stream.result`` has
+        the counts once it ends.
         """
+        from datagen.streaming import RecordStream
+
         for name in ("collect", "on_record"):
             if name in kwargs:
                 raise ConfigError(f"stream() does not take {name}=")
-        concurrency = kwargs.get("concurrency_limit") or self.settings.run.concurrency_limit
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2 * concurrency)
-        finished = object()
-
-        async def produce() -> None:
-            try:
-                await self.run(data_pool, collect=False, on_record=queue.put, **kwargs)
-            except asyncio.CancelledError:
-                raise  # the consumer left: nobody is waiting for the end marker
-            except BaseException:
-                await queue.put(finished)
-                raise
-            await queue.put(finished)
-
-        task = asyncio.ensure_future(produce())
-        try:
-            while (record := await queue.get()) is not finished:
-                yield record
-            await task  # re-raise what stopped the run, if anything did
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-
-    def _open_run_files(self, resume: bool | str, current: dict[str, Any]
-                        ) -> tuple[RunFiles, set[str]]:
-        out = self.settings.output_data
-        if resume:
-            files = RunFiles.latest(out.output_dir, out.experiment_name, out.need_time_stamp)
-            if files is not None:
-                check_resume(read_manifest(files.manifest), current, files.results,
-                             force=resume == "force")
-                repair_torn_tail(files.results)
-                repair_torn_tail(files.failures)
-                index = read_index(files.results)
-                return files, index.keys
-            log.info("nothing to resume for %s in %s: starting a new run",
-                     out.experiment_name, out.output_dir)
-        files = RunFiles.create(out.output_dir, out.experiment_name, out.need_time_stamp)
-        files.results.touch()
-        return files, set()
+        executor = kwargs.get("executor", "local")
+        job = self.prepare(data_pool, **kwargs)
+        return RecordStream(job, lambda prepared: self.execute(prepared, executor))
 
     def _pick_extractor(self, extract_function: ExtractFunction | None,
                         parse_response: ExtractFunction | None) -> ExtractFunction | None:
@@ -370,27 +346,17 @@ class DataGenerationPipeline:
                 f"extract_function must be a callable taking the response text, "
                 f"got {type(chosen).__name__}"
             )
+        if self._steps and chosen is not None:
+            raise ConfigError("a multi-step pipeline takes its extractors per step: "
+                              ".step(..., extract=...), not run(extract_function=...)")
         return chosen
 
-    def _plan(self, extractor: ExtractFunction | None) -> RunPlan:
+    def _plan(self, extractor: ExtractFunction | None) -> Plan:
         if self._steps:
             return StepsPlan(self.settings, self._steps)
         if self._prompt is None:
             self._prompt = self._load_prompt()
         return SingleStepPlan(self.settings, self._prompt, extractor)
-
-    def _fatal_message(self, err: CallError, model: str) -> str:
-        if err.kind == "auth":
-            return (
-                f"the provider rejected the credentials ({err.status or 'auth'}): {err.message}. "
-                "Check model.api_key in config.yaml (or the provider's environment variable, "
-                "e.g. OPENAI_API_KEY) and that the key may use this model."
-            )
-        return (
-            f"model '{model}' or its endpoint was not found "
-            f"({err.status or 404}): {err.message}. Check model.provider, model.model and "
-            "model.base_url."
-        )
 
 
 __all__ = ["DataGenerationPipeline"]

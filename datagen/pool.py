@@ -9,9 +9,9 @@ Each item of the single-step form is ``{"user_prompt_kwargs": {...},
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
-from array import array
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from datagen.errors import DataPoolError, a_type
+from datagen.seen import SeenSet
 
 ITEM_SHAPE = '{"user_prompt_kwargs": {...}, "system_prompt_kwargs": {...}}'
 _RESERVED = ("user_prompt_kwargs", "system_prompt_kwargs")
@@ -42,26 +43,79 @@ class PoolItem:
     system_kwargs: Mapping[str, Any]
     meta: Mapping[str, Any]
     occurrence: int = 0  # how many identical items came before this one in the pool
+    sample: int | None = None  # run.samples > 1: which sample of the item this is
+    variant: int = 0  # 0 for the first copy; repeats and samples count up (their seeds)
 
     @cached_property
     def content_key(self) -> str:
         """A stable hash of the item's content (not its position)."""
-        payload = orjson.dumps(
-            {"u": self.user_kwargs, "s": self.system_kwargs, "m": self.meta},
-            option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
-            default=repr,
-        )
+        payload = orjson.dumps({"u": self.user_kwargs, "s": self.system_kwargs,
+                                "m": self.meta}, option=orjson.OPT_SORT_KEYS)
         return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
     @property
     def key(self) -> str:
         """Resume and cache identity: the content hash, plus ``-n`` for the n-th repeat of
-        an identical item (so ``[item] * 10`` is ten items, not one)."""
-        return self.content_key if self.occurrence == 0 else f"{self.content_key}-{self.occurrence}"
+        an identical item (so ``[item] * 10`` is ten items, not one), plus ``#i`` for
+        sample i when a run makes several samples per item."""
+        key = self.content_key if self.occurrence == 0 else \
+            f"{self.content_key}-{self.occurrence}"
+        return key if self.sample is None else f"{key}#{self.sample}"
 
 
-def to_item(index: int, raw: Any) -> PoolItem:
-    """Check one raw pool entry and wrap it; errors name the index and the fix."""
+MAX_DEPTH = 64
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _problem(value: Any, path: str, depth: int) -> str | None:
+    """What keeps ``value`` from being a JSON value, naming the field; None if nothing."""
+    if depth > MAX_DEPTH:
+        return f"{path or 'the item'} is nested deeper than {MAX_DEPTH} levels"
+    if isinstance(value, float) and not math.isfinite(value):
+        return (f"field {path} is {value!r}: JSON has no NaN or infinity; use null or a "
+                "number")
+    if isinstance(value, _JSON_SCALARS):
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return f"field {path} is bytes: decode it to text (value.decode()) first"
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return (f"field {path + '.' if path else ''}{k!r} has a key that is "
+                        f"{a_type(k)}, not a string: JSON keys are strings")
+            found = _problem(v, f"{path}.{k}" if path else k, depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _problem(v, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    return (f"field {path} is {a_type(value)}: items hold JSON values (text, numbers, "
+            "true/false, null, lists, dicts); convert it (e.g. str(value) or "
+            "value.isoformat()) first")
+
+
+def freeze(raw: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """A JSON-safe deep copy of one pool item, made when it is pulled: a generator that
+    yields the same dict again and again (mutating it between yields) cannot change an
+    item after it is taken, and what is not JSON is refused here, naming the field,
+    before anything is sent. Tuples become lists (documented); nothing else is converted.
+    """
+    try:
+        dumped = orjson.dumps(raw)
+    except (orjson.JSONEncodeError, TypeError):
+        dumped = None
+    if dumped is None or (b"null" in dumped and _problem(raw, "", 0)):
+        problem = _problem(raw, "", 0) or "it cannot be written as JSON"
+        raise DataPoolError(f"data pool item {index}: {problem}")
+    frozen: dict[str, Any] = orjson.loads(dumped)
+    return frozen
+
+
+def _split(index: int, raw: Any) -> tuple[Any, Any, dict[str, Any]]:
     if not isinstance(raw, Mapping):
         raise DataPoolError(
             f"data pool item {index} is {a_type(raw)}, not a dict. "
@@ -82,8 +136,24 @@ def to_item(index: int, raw: Any) -> PoolItem:
                 f"data pool item {index}: '{name}' must be a dict of template variables, "
                 f"not {a_type(value)}"
             )
-    meta = {k: v for k, v in raw.items() if k not in _RESERVED}
+    return user, system, {k: v for k, v in raw.items() if k not in _RESERVED}
+
+
+def to_item(index: int, raw: Any) -> PoolItem:
+    """Check one raw entry of the single-step form and wrap it (a frozen copy); errors
+    name the index and the fix."""
+    _split(index, raw)  # the shape first: its messages are the clearest
+    frozen = freeze(raw, index)
+    user, system, meta = _split(index, frozen)
     return PoolItem(index, user, system, meta)
+
+
+def plain_item(index: int, raw: Any) -> PoolItem:
+    """Check one raw entry of a multi-step pipeline (a dict of fields) and wrap it."""
+    if not isinstance(raw, Mapping):
+        raise DataPoolError(f"data pool item {index} is {a_type(raw)}, not a dict. Items of a "
+                            "multi-step pipeline are dicts of fields the templates use.")
+    return PoolItem(index, freeze(raw, index), {}, {})
 
 
 def _read_jsonl(path: Path) -> Iterator[Any]:
@@ -169,61 +239,35 @@ def seeded_sample(items: Iterable[Any], size: int | None, seed: int) -> tuple[li
     return [item for _, item in sorted(kept, key=lambda pair: pair[0])], n
 
 
-class SeenSet:
-    """Which 64-bit fingerprints were seen: open addressing in an ``array('Q')``.
+Check = Callable[[PoolItem], None]
 
-    Written by hand because the alternatives cost memory per item: a Python set or dict
-    entry is ~70-100 bytes, which for a streamed million-item pool is ~100 MB of growth;
-    here it is 16 bytes (8-byte slots at most half full). A fingerprint collision (odds
-    ~n^2 / 2^65) could only mis-number an item as a repeat, the same way on every run, so
-    resume stays consistent.
-    """
 
-    def __init__(self, capacity: int = 1024) -> None:
-        self._slots = array("Q", bytes(8 * capacity))
-        self._mask = capacity - 1
-        self._count = 0
-
-    def add(self, fingerprint: int) -> bool:
-        """Add; return True if it was there already."""
-        fingerprint = fingerprint or 1  # 0 marks an empty slot
-        slots, mask = self._slots, self._mask
-        i = fingerprint & mask
-        while True:
-            value = slots[i]
-            if value == 0:
-                slots[i] = fingerprint
-                self._count += 1
-                if self._count * 2 > len(slots):
-                    self._grow()
-                return False
-            if value == fingerprint:
-                return True
-            i = (i + 1) & mask
-
-    def _grow(self) -> None:
-        old = self._slots
-        self._slots = array("Q", bytes(8 * len(old) * 2))
-        self._mask = len(self._slots) - 1
-        self._count = 0
-        for value in old:
-            if value:
-                self.add(value)
-
-    def __len__(self) -> int:
-        return self._count
+def checked_items(pool: Pool, make_item: Callable[[int, Any], PoolItem],
+                  check: Check) -> Iterator[PoolItem]:
+    """Every item of a pool, shaped and checked: the one place items are checked, for
+    the pre-check of a list or file before anything is sent, for the dry run, and (item
+    by item) for a generator as it is pulled."""
+    for index, raw in enumerate(pool.raw_items()):
+        item = make_item(index, raw)
+        check(item)
+        yield item
 
 
 class ItemSource:
     """Hands out checked, keyed items to the workers, one at a time, in pool order.
 
     Workers share one source; for an async iterable a lock keeps two workers from
-    advancing it at once (an async generator cannot be re-entered).
+    advancing it at once (an async generator cannot be re-entered). ``samples`` > 1 hands
+    out each item that many times, keyed ``<key>#i``. ``check`` runs on every item unless
+    the pool was pre-checked whole.
     """
 
-    def __init__(self, pool: Pool,
-                 make_item: Callable[[int, Any], PoolItem] | None = None) -> None:
+    def __init__(self, pool: Pool, make_item: Callable[[int, Any], PoolItem] | None = None,
+                 check: Check | None = None, samples: int = 1) -> None:
         self._make_item = make_item or to_item
+        self._check = check
+        self._samples = samples
+        self._pending: list[PoolItem] = []
         self._sync: Iterator[Any] | None = None
         self._async: AsyncIterator[Any] | None = None
         if pool.is_async():
@@ -238,15 +282,24 @@ class ItemSource:
 
     async def next(self) -> PoolItem | None:
         """The next item (shape checked, key assigned), or None when the pool is done."""
+        if self._pending:
+            return self._pending.pop()
         pair = await self._next_raw()
         if pair is None:
             return None
         item = self._make_item(*pair)
-        if not self._seen.add(int(item.content_key[:16], 16)):
+        if self._check is not None:
+            self._check(item)
+        if self._seen.add(int(item.content_key[:16], 16)):
+            count = self._repeats.get(item.content_key, 1)
+            self._repeats[item.content_key] = count + 1
+            item = replace(item, occurrence=count, variant=count * self._samples)
+        if self._samples == 1:
             return item
-        count = self._repeats.get(item.content_key, 1)
-        self._repeats[item.content_key] = count + 1
-        return replace(item, occurrence=count)
+        copies = [replace(item, sample=i, variant=item.variant + i)
+                  for i in range(self._samples)]
+        self._pending = copies[:0:-1]  # handed out in order: #0 now, then #1, #2...
+        return copies[0]
 
     async def _next_raw(self) -> tuple[int, Any] | None:
         if self.exhausted:

@@ -1,137 +1,103 @@
-"""Prompt files -> chat messages, through one strict, sandboxed jinja2 environment.
+"""Prompt files -> chat messages.
 
-StrictUndefined turns a variable an item lacks into an error instead of an empty string
-(the silent ``{missing}`` that ``str.format`` pipelines ship to the model). The sandbox
-keeps a template from reaching Python internals through an item's values.
+A prompt file is a ``.txt`` (one message) or a ``.yaml`` chat (a list of ``{role,
+content}``, few-shot turns welcome, optionally ending with the assistant's opening words:
+a prefill). Its placeholders are jinja (default: strict and sandboxed, so a variable an
+item lacks is an error, never the silent ``{missing}`` of a naive str.format pipeline) or
+``str.format`` (``prompts.syntax: format``), see :mod:`datagen.templates`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from datagen.errors import TemplateError
+from datagen.templates import (
+    AnyTemplate,
+    JinjaTemplate,
+    check_single_brace,
+    environment,
+    make_template,
+)  # fmt: skip
 
-if TYPE_CHECKING:  # jinja2 is imported on first use, not at `import datagen`
-    import jinja2
-    from jinja2.sandbox import SandboxedEnvironment
-
-Message = dict[str, str]
-_UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")
+Message = dict[str, Any]
+__all__ = ["ChatPrompt", "JinjaTemplate", "PromptTemplate", "StepPrompt", "Syntax",
+           "environment", "find_prompt"]
 
 
-@lru_cache(maxsize=1)
-def environment() -> SandboxedEnvironment:
-    """The jinja2 environment every datagen template is compiled in."""
-    import jinja2
-    from jinja2.sandbox import SandboxedEnvironment
-
-    return SandboxedEnvironment(
-        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False
-    )
+def read_prompt_file(path: Path, role: str) -> str:
+    """A prompt file's text; a missing, undecodable or empty file is a clear error."""
+    if not path.is_file():
+        raise TemplateError(
+            f"{role} prompt file not found: {path}. Check prompts.{role}_prompt_path in "
+            "config.yaml (relative paths there are read from the config file's folder)."
+            if role in ("user", "system") else f"prompt file not found: {path}")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TemplateError(f"{path}: not UTF-8 text; save the prompt file as UTF-8") from None
+    if not source.strip():
+        raise TemplateError(f"{path}: the prompt file is empty; write the prompt in it (an "
+                            "empty prompt would be sent as an empty message)")
+    return source
 
 
 @dataclass(frozen=True)
+class Syntax:
+    """How a prompt's placeholders are written (see datagen.templates)."""
+
+    name: str = "jinja"
+    literal: frozenset[str] = frozenset()
+
+    def template(self, source: str, path: str | Path, strip: bool = False) -> AnyTemplate:
+        return make_template(source, path, self.name, self.literal, strip)
+
+
 class PromptTemplate:
-    """One template file, compiled, with the variables it uses at top level."""
+    """Loading a single template file (kept for the single-step form and its tests)."""
 
-    path: Path
-    source: str
-    template: jinja2.Template = field(repr=False)
-    variables: frozenset[str]
-
-    @classmethod
-    def from_file(cls, path: str | Path, role: str) -> PromptTemplate:
+    @staticmethod
+    def from_file(path: str | Path, role: str, syntax: Syntax | None = None) -> AnyTemplate:
         p = Path(path)
-        if not p.is_file():
-            raise TemplateError(
-                f"{role} prompt file not found: {p}. Check prompts.{role}_prompt_path in "
-                "config.yaml (relative paths there are read from the config file's folder)."
-            )
-        try:
-            source = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise TemplateError(f"{p}: not UTF-8 text; save the prompt file as UTF-8") from None
-        return cls.from_string(source, p)
+        return (syntax or Syntax()).template(read_prompt_file(p, role), p)
 
-    @classmethod
-    def from_string(cls, source: str, path: str | Path = "<string>") -> PromptTemplate:
-        import jinja2
-        from jinja2 import meta
-
-        env = environment()
-        try:
-            ast = env.parse(source)
-            template = env.from_string(source)
-        except jinja2.TemplateSyntaxError as exc:
-            raise TemplateError(
-                f"{path}, line {exc.lineno}: template syntax error: {exc.message}"
-            ) from None
-        variables = frozenset(meta.find_undeclared_variables(ast))
-        return cls(Path(path), source, template, variables)
-
-    def render(self, kwargs: Mapping[str, Any], where: str) -> str:
-        """Render with ``kwargs``; ``where`` says which item, for the error message."""
-        import jinja2
-
-        try:
-            return self.template.render(**kwargs)
-        except jinja2.UndefinedError as exc:
-            match = _UNDEFINED_NAME.search(str(exc))
-            what = f"variable '{match.group(1)}'" if match else str(exc)
-            keys = ", ".join(sorted(map(str, kwargs))) or "none"
-            raise TemplateError(
-                f"{self.path}: {what} is undefined for {where} (its keys: {keys}). "
-                "Add it to the item, or guard it in the template with "
-                "{% if name is defined %}."
-            ) from None
-        except jinja2.TemplateError as exc:
-            raise TemplateError(f"{self.path}: cannot render for {where}: {exc}") from None
-        except Exception as exc:  # a filter or a value's __str__ raised: still the template's
-            raise TemplateError(
-                f"{self.path}: rendering for {where} raised {type(exc).__name__}: {exc}"
-            ) from exc
-
-    def check(self, kwargs: Mapping[str, Any], where: str) -> None:
-        """Raise TemplateError if rendering for this item would fail.
-
-        Fast path: when the item has every top-level variable the template names, only a
-        runtime fault could fail, which the real render reports; otherwise render now to
-        tell a missing variable from one the template guards with ``is defined``.
-        """
-        if self.variables.issubset(kwargs.keys()):
-            return
-        self.render(kwargs, where)
+    @staticmethod
+    def from_string(source: str, path: str | Path = "<string>",
+                    syntax: Syntax | None = None) -> AnyTemplate:
+        return (syntax or Syntax()).template(source, path)
 
 
 @dataclass(frozen=True)
 class ChatPrompt:
     """A system template (optional) and a user template: the single-step prompt form."""
 
-    user: PromptTemplate
-    system: PromptTemplate | None = None
+    user: AnyTemplate
+    system: AnyTemplate | None = None
 
     @classmethod
-    def from_files(cls, user_path: str | Path | None, system_path: str | Path | None
-                   ) -> ChatPrompt:
+    def from_files(cls, user_path: str | Path | None, system_path: str | Path | None,
+                   syntax: Syntax | None = None) -> ChatPrompt:
         if not user_path:
             raise TemplateError(
                 "no user prompt: set prompts.user_prompt_path in config.yaml or pass "
                 "user_prompt_path=... to DataGenerationPipeline"
             )
-        user = PromptTemplate.from_file(user_path, "user")
-        system = PromptTemplate.from_file(system_path, "system") if system_path else None
+        user = PromptTemplate.from_file(user_path, "user", syntax)
+        system = PromptTemplate.from_file(system_path, "system", syntax) if system_path \
+            else None
         return cls(user=user, system=system)
 
     def check(self, user_kwargs: Mapping[str, Any], system_kwargs: Mapping[str, Any],
               where: str) -> None:
+        check_single_brace(self.user, set(user_kwargs), f"{where} (user_prompt_kwargs)")
         self.user.check(user_kwargs, f"{where} (user_prompt_kwargs)")
         if self.system is not None:
+            check_single_brace(self.system, set(system_kwargs),
+                               f"{where} (system_prompt_kwargs)")
             self.system.check(system_kwargs, f"{where} (system_prompt_kwargs)")
 
     def messages(self, user_kwargs: Mapping[str, Any], system_kwargs: Mapping[str, Any],
@@ -156,10 +122,11 @@ class StepPrompt:
 
     Every message is a template rendered with one context: the item's fields, every
     earlier step's output under its name, and ``error_message`` (the reason the last
-    attempt failed validation, else None).
+    attempt failed validation, else None). A chat whose last message is the assistant's
+    is a prefill: the model continues that message.
     """
 
-    messages: tuple[tuple[str, PromptTemplate], ...]
+    messages: tuple[tuple[str, AnyTemplate], ...]
     files: tuple[Path, ...]
 
     @property
@@ -169,34 +136,41 @@ class StepPrompt:
             out |= template.variables
         return out
 
+    @property
+    def has_prefill(self) -> bool:
+        return self.messages[-1][0] == "assistant"
+
     @classmethod
-    def load(cls, path: Path, system: Path | None = None) -> StepPrompt:
+    def load(cls, path: Path, system: Path | None = None,
+             syntax: Syntax | None = None) -> StepPrompt:
+        syntax = syntax or Syntax()
         if path.suffix in (".yaml", ".yml"):
             if system is not None:
                 raise TemplateError(f"{path}: a .yaml chat prompt holds its own system "
                                     "message; do not pass system_prompt= as well")
-            return cls._from_yaml(path)
-        user = PromptTemplate.from_file(path, "user")
-        messages: list[tuple[str, PromptTemplate]] = []
+            return cls._from_yaml(path, syntax)
+        user = PromptTemplate.from_file(path, "prompt", syntax)
+        messages: list[tuple[str, AnyTemplate]] = []
         if system is not None:
-            messages.append(("system", PromptTemplate.from_file(system, "system")))
+            messages.append(("system", PromptTemplate.from_file(system, "prompt", syntax)))
         messages.append(("user", user))
         return cls(tuple(messages), tuple(p for p in (system, path) if p is not None))
 
     @classmethod
-    def _from_yaml(cls, path: Path) -> StepPrompt:
+    def _from_yaml(cls, path: Path, syntax: Syntax) -> StepPrompt:
         import yaml
 
-        if not path.is_file():
-            raise TemplateError(f"prompt file not found: {path}")
+        source = read_prompt_file(path, "prompt")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.safe_load(source)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f", line {mark.line + 1}" if mark else ""
             raise TemplateError(f"{path}{where}: YAML syntax error: "
                                 f"{getattr(exc, 'problem', exc)}") from None
         if isinstance(data, dict) and "messages" in data:
+            if "syntax" in data:  # a file may say how it is written
+                syntax = Syntax(str(data["syntax"]), syntax.literal)
             data = data["messages"]
         if not isinstance(data, list) or not data:
             raise TemplateError(f"{path}: a chat prompt is a list of messages, each "
@@ -209,12 +183,12 @@ class StepPrompt:
             if message["role"] not in _ROLES:
                 raise TemplateError(f"{path}, message {i}: role must be one of "
                                     f"{', '.join(_ROLES)}, not {message['role']!r}")
-            template = PromptTemplate.from_string(str(message["content"]),
-                                                  f"{path} (message {i})")
+            template = syntax.template(str(message["content"] or ""), f"{path} (message {i})",
+                                       strip=True)
             messages.append((str(message["role"]), template))
-        if messages[-1][0] == "assistant":
-            raise TemplateError(f"{path}: the last message is the assistant's; end with the "
-                                "user message the model should answer")
+        if all(role == "assistant" for role, _ in messages):
+            raise TemplateError(f"{path}: a chat prompt needs a user (or system) message "
+                                "before the assistant's")
         return cls(tuple(messages), (path,))
 
     def render(self, context: Mapping[str, Any], where: str) -> list[Message]:
@@ -224,6 +198,11 @@ class StepPrompt:
     def render_text(self, context: Mapping[str, Any], where: str) -> str:
         """Completion mode: the messages' texts, joined (a .txt prompt: just its text)."""
         return "\n\n".join(template.render(context, where) for _, template in self.messages)
+
+
+def check_single_braces(prompt: StepPrompt, available: set[str], where: str) -> None:
+    for _, template in prompt.messages:
+        check_single_brace(template, available, where)
 
 
 def find_prompt(name: str | os.PathLike[str], search: list[Path], step: str) -> Path:

@@ -13,10 +13,13 @@ line and flushed, so a crash can cut at most the line being written, never inter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
+import socket
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +27,9 @@ from typing import IO, Any
 
 import orjson
 
+from datagen import redact
 from datagen.errors import OutputError
+from datagen.seen import KeyIndex
 
 log = logging.getLogger("datagen.store")
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -57,43 +62,66 @@ class RunFiles:
     failures: Path
     manifest: Path
     log: Path
+    dropped: Path
+    lock: Path
+
+    @property
+    def stem(self) -> str:
+        return self.results.stem
+
+    @property
+    def meta(self) -> Path:
+        return self.results.with_name(self.stem + "_meta.jsonl")
+
+    @property
+    def debug_dir(self) -> Path:
+        return self.results.with_name(self.stem + "_debug")
+
+    def as_dict(self) -> dict[str, str]:
+        return {name: str(getattr(self, name))
+                for name in ("results", "failures", "dropped", "manifest", "log")}
 
     @classmethod
     def create(cls, output_dir: str | Path, experiment_name: str, time_stamp: bool,
                now: datetime | None = None) -> RunFiles:
-        directory = Path(output_dir).expanduser()
+        """A new run's file names (nothing is created but the folder); see
+        :meth:`create_locked` for a run that is about to write them."""
+        files, lock = cls.create_locked(output_dir, experiment_name, time_stamp, now)
+        lock.release()
+        return files
+
+    @classmethod
+    def create_locked(cls, output_dir: str | Path, experiment_name: str, time_stamp: bool,
+                      now: datetime | None = None) -> tuple[RunFiles, RunLock]:
+        """A new run's files, locked: the first free name (a second run started in the
+        same second, or one that holds the lock of that name, gets ``_2``, ``_3``...)."""
         if "/" in experiment_name or "\\" in experiment_name:
-            raise OutputError(
-                f"experiment_name {experiment_name!r} must be a plain name, not a path; "
-                "put folders in output_dir"
-            )
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(
-                f"cannot create the output directory {directory}: {exc.strerror}. "
-                "Set output_data.output_dir to a folder you can write to."
-            ) from None
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise OutputError(
-                f"the output directory {directory} is not writable. "
-                "Set output_data.output_dir to a folder you can write to."
-            )
+            raise OutputError(f"experiment_name {experiment_name!r} must be a plain name, "
+                              "not a path; put folders in output_dir")
+        directory = _output_dir(output_dir)
         stem = experiment_name
         if time_stamp:
             stem = f"{experiment_name}_{(now or datetime.now()).strftime('%Y%m%d_%H%M%S')}"
-        files = cls.for_stem(directory, stem)
-        n = 2
-        while time_stamp and files.results.exists():  # two runs in the same second
-            files = cls.for_stem(directory, f"{stem}_{n}")
-            n += 1
-        if files.results.exists():
-            raise OutputError(
-                f"{files.results} already exists and would be mixed with this run's output. "
-                "Turn on output_data.need_time_stamp, choose another experiment_name, "
-                "or move the old file away."
-            )
-        return files
+        for n in range(1, 10_000):
+            files = cls.for_stem(directory, stem if n == 1 else f"{stem}_{n}")
+            if files.results.exists():
+                if time_stamp:
+                    continue
+                raise OutputError(
+                    f"{files.results} already exists and would be mixed with this run's "
+                    "output. Turn on output_data.need_time_stamp, choose another "
+                    "experiment_name, or resume it (resume=True).")
+            try:
+                lock = RunLock(files.lock).acquire()
+            except RunLockedError:
+                if time_stamp:
+                    continue
+                raise
+            if files.results.exists():  # created meanwhile by a run that has finished
+                lock.release()
+                continue
+            return files, lock
+        raise OutputError(f"no free run name for {stem} in {directory}")
 
     @classmethod
     def latest(cls, output_dir: str | Path, experiment_name: str, time_stamp: bool
@@ -120,7 +148,26 @@ class RunFiles:
             failures=directory / f"{stem}_failures.jsonl",
             manifest=directory / f"{stem}_manifest.json",
             log=directory / f"{stem}.log",
+            dropped=directory / f"{stem}_dropped.jsonl",
+            lock=directory / f"{stem}.lock",
         )
+
+
+def _output_dir(output_dir: str | Path) -> Path:
+    directory = Path(output_dir).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create the output directory {directory}: {exc.strerror}. "
+            "Set output_data.output_dir to a folder you can write to."
+        ) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"the output directory {directory} is not writable. "
+            "Set output_data.output_dir to a folder you can write to."
+        )
+    return directory
 
 
 def glob_escape(text: str) -> str:
@@ -162,35 +209,134 @@ def repair_torn_tail(path: Path) -> int:
     return size - keep
 
 
+_KEY_FIELD = b'"key":"'
+
+
+def _key_of(line: bytes) -> str | None:
+    """The ``key`` of one record line. datagen writes ``index`` and ``key`` first, so the
+    key is found without parsing the line (a million lines in about a second); anything
+    else is parsed."""
+    start = line.find(_KEY_FIELD, 0, 256)
+    if start >= 0:
+        start += len(_KEY_FIELD)
+        end = line.find(b'"', start)
+        if end > start and b"\\" not in line[start:end]:
+            return line[start:end].decode("utf-8", "replace")
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    key = record.get("key") if isinstance(record, dict) else None
+    return key if isinstance(key, str) else None
+
+
 @dataclasses.dataclass
 class ResultsIndex:
-    """What a results file already holds: the keys done, and lines that do not parse."""
+    """What a run's files already hold: the keys done (results and dropped items), as
+    8-byte fingerprints, and the lines that do not parse."""
 
-    keys: set[str]
+    keys: KeyIndex
     lines: int
     unparseable: int
 
 
-def read_index(path: Path) -> ResultsIndex:
-    keys: set[str] = set()
+def read_index(*paths: Path, into: KeyIndex | None = None) -> ResultsIndex:
+    """The keys of the records in ``paths`` (added to ``into`` if given)."""
+    keys = KeyIndex() if into is None else into
     lines = bad = 0
-    if not path.exists():
-        return ResultsIndex(keys, 0, 0)
-    with open(path, "rb") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            lines += 1
-            try:
-                key = orjson.loads(line).get("key")
-            except (orjson.JSONDecodeError, AttributeError):
-                bad += 1
-                continue
-            if isinstance(key, str):
-                keys.add(key)
-    if bad:
-        log.warning("%s: %d line(s) are not valid JSON records and were ignored", path, bad)
+    for path in paths:
+        if not path.exists():
+            continue
+        with open(path, "rb") as fh:
+            for line in fh:
+                if len(line) < 3:
+                    continue
+                lines += 1
+                key = _key_of(line)
+                if key is None:
+                    bad += 1
+                else:
+                    keys.add(key)
+        if bad:
+            log.warning("%s: %d line(s) are not valid JSON records and were ignored", path,
+                        bad)
     return ResultsIndex(keys, lines, bad)
+
+
+class RunLockedError(OutputError):
+    """Another process is writing this run."""
+
+    kind = "locked"
+
+
+class RunLock:
+    """One writer per run: an exclusive ``flock`` on ``<run>.lock``, which records who
+    holds it (pid, host, start time, command).
+
+    The kernel releases an flock when its process dies, however it dies (kill -9, a
+    crash, a reboot), so a lock left behind is never mistaken for a live writer: a stale
+    file is simply locked again by the next run.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create the run lock {self.path}: {exc.strerror}. "
+                              "Set output_data.output_dir to a folder you can write to."
+                              ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.path.with_suffix('.jsonl')} is being written by another process "
+                f"({holder}). Only one process may write a run: wait for it to finish, or "
+                "stop it (Ctrl+C, or kill that pid) and resume.") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": iso_now(),
+                "command": " ".join(sys.argv)[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, orjson.dumps(info) + b"\n", 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            info = orjson.loads(os.pread(fd, 4096, 0))
+            return (f"pid {info.get('pid')} on host {info.get('host')}, since "
+                    f"{info.get('started')}: {info.get('command')}")
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            return "a process that has not yet said who it is"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock; the file stays, unlocked
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class WriteError(OutputError):
+    """A file of the run could not be written (disk full, permissions, I/O error)."""
+
+    kind = "write_error"
+
+
+def write_error(path: Path, exc: OSError) -> WriteError:
+    hint = " (the disk is full: free space, then resume)" if exc.errno == 28 else ""
+    return WriteError(f"cannot write {path}: {exc.strerror or exc}{hint}")
 
 
 class JsonlSink:
@@ -198,7 +344,9 @@ class JsonlSink:
 
     Each line goes out in one ``write`` and is flushed to the OS at once; ``fsync`` (to
     the disk) runs at most every ``fsync_interval`` seconds (0: after every line) and at
-    close, so a power cut loses at most that much, a killed process nothing.
+    close, so a power cut loses at most that much, a killed process nothing. Every line
+    passes the redactor (no registered secret reaches the disk). A failed write raises
+    :class:`WriteError` naming the file.
     """
 
     def __init__(self, path: Path, fsync_interval: float = 1.0) -> None:
@@ -208,33 +356,60 @@ class JsonlSink:
         self._last_sync = time.monotonic()
         self.lines = 0
 
-    def write_line(self, line: bytes) -> None:
-        if self._fh is None:
-            try:
+    def write_line(self, line: bytes) -> bytes:
+        """Append ``line``; returns the bytes written (redacted)."""
+        line = redact.redact_bytes(line)
+        try:
+            if self._fh is None:
                 self._fh = open(self.path, "ab")  # noqa: SIM115 - held open for the run
-            except OSError as exc:
-                raise OutputError(f"cannot open {self.path} for writing: {exc.strerror}") from None
-        self._fh.write(line)
-        self._fh.flush()
+            self._fh.write(line)
+            self._fh.flush()
+            now = time.monotonic()
+            if now - self._last_sync >= self.fsync_interval:
+                os.fsync(self._fh.fileno())
+                self._last_sync = now
+        except OSError as exc:
+            self._abandon()
+            raise write_error(self.path, exc) from None
         self.lines += 1
-        now = time.monotonic()
-        if now - self._last_sync >= self.fsync_interval:
-            os.fsync(self._fh.fileno())
-            self._last_sync = now
+        return line
+
+    def _abandon(self) -> None:
+        """After a failed write: cut the partial line, if any, and stop writing."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
+        with contextlib.suppress(OSError):
+            repair_torn_tail(self.path)
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+            except OSError as exc:
+                self._abandon()
+                raise write_error(self.path, exc) from None
             self._fh = None
 
 
-def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest atomically (a crash leaves the old one or the new one)."""
+def write_json(path: Path, data: Any) -> None:
+    """Write a JSON file atomically (a crash leaves the old one or the new one), through
+    the redactor; on failure no ``.tmp`` is left behind."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(orjson.dumps(manifest, default=_default, option=orjson.OPT_INDENT_2))
-    os.replace(tmp, path)
+    payload = redact.redact_bytes(orjson.dumps(data, default=_default,
+                                               option=orjson.OPT_INDENT_2))
+    try:
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from None
+
+
+write_manifest = write_json
 
 
 def iso_now() -> str:

@@ -44,9 +44,9 @@ def error_of(fn: Callable[[], Any]) -> str:
 
 
 def failure_of(p: DataGenerationPipeline, pool: list[Any], **kw: Any) -> str:
-    p.run_sync(pool, **kw)
-    assert p.last_run_files is not None
-    (line,) = p.last_run_files.failures.read_bytes().splitlines()
+    result = p.run_sync(pool, **kw)
+    assert result.files is not None
+    (line,) = result.files.failures.read_bytes().splitlines()
     error = orjson.loads(line)["error"]
     return f"{error['kind']}: {error['message']}"
 

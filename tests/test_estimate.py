@@ -35,11 +35,11 @@ def test_run_cost_in_manifest_and_summary(project: Path, server: FakeOpenAIServe
     p = DataGenerationPipeline(config=project, base_url=server.base_url,
                                input_cost_per_million=1000, output_cost_per_million=2000)
     results = p.run_sync(make_pool(3))
-    manifest = json.loads(p.last_run_files.manifest.read_text())
+    manifest = json.loads(results.files.manifest.read_text())
     expected = sum(r["usage"]["prompt_tokens"] * 1e-3 + r["usage"]["completion_tokens"] * 2e-3
                    for r in results)
     assert manifest["cost_usd"] == pytest.approx(expected)
-    assert f"${expected:.4f}" in p.last_run_files.log.read_text()
+    assert f"${expected:.4f}" in results.files.log.read_text()
 
 
 def test_dry_run_sends_nothing_and_counts_every_prompt(project: Path,

@@ -23,9 +23,9 @@ def read(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture
 def single_run(project: Path, server: FakeOpenAIServer) -> Path:
     p = DataGenerationPipeline(config=project, base_url=server.base_url)
-    p.run_sync(make_pool(3), extract_function=extract.tag("draft"))
-    assert p.last_run_files is not None
-    return p.last_run_files.results
+    result = p.run_sync(make_pool(3), extract_function=extract.tag("draft"))
+    assert result.files is not None
+    return result.files.results
 
 
 def test_openai_export_of_a_single_step_run(single_run: Path, tmp_path: Path) -> None:
@@ -62,12 +62,12 @@ def test_multi_step_export_uses_the_last_step(tmp_path: Path) -> None:
              .step("question", prompt="question.yaml", extract=extract.json(list[str]),
                    one_to_many=True)
              .step("answer", prompt="answer.yaml", extract=extract.tag("answer")))
-        p.run_sync([{"text": "Bees make honey."}])
-    assert to_openai(p.last_run_files.results, tmp_path / "qa.jsonl") == 2
+        result = p.run_sync([{"text": "Bees make honey."}])
+    assert to_openai(result.files.results, tmp_path / "qa.jsonl") == 2
     messages = read(tmp_path / "qa.jsonl")[0]["messages"]
     assert "Question: Q1?" in messages[0]["content"] and messages[-1]["content"] == "A."
-    meta = read(p.last_run_files.results.with_name(p.last_run_files.results.stem
-                                                   + "_meta.jsonl"))
+    meta = read(result.files.results.with_name(result.files.results.stem
+                                               + "_meta.jsonl"))
     assert [m["step"] for m in meta] == ["question", "answer", "answer"]
     assert meta[0]["messages"][-1] == {"role": "assistant", "content": '["Q1?", "Q2?"]'}
 

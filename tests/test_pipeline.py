@@ -48,7 +48,7 @@ async def test_200_items_stream_to_a_timestamped_file_in_input_order(
     p = pipeline(project, server)
     results = await p.run(make_pool(200), concurrency_limit=16,
                           extract_function=p.make_default_extractor(pattern_name="draft"))
-    files = p.last_run_files
+    files = results.files
     assert files is not None
     assert files.results.name.startswith("demo_") and len(files.results.stem) == len(
         "demo_20261122_101500")
@@ -133,10 +133,11 @@ async def test_generator_with_a_bad_item_stops_the_run(project: Path,
         yield {"user_prompt_kwargs": {"topic": "x"}}  # word_count missing
 
     p = pipeline(project, server)
-    with pytest.raises(TemplateError, match="item 3"):
+    with pytest.raises(TemplateError, match="item 3") as err:
         await p.run(gen(), concurrency_limit=1)
-    assert p.last_run_files is not None
-    manifest = json.loads(p.last_run_files.manifest.read_text())
+    files = err.value.result.files  # type: ignore[attr-defined]
+    assert files is not None
+    manifest = json.loads(files.manifest.read_text())
     assert manifest["status"] == "failed" and manifest["counts"]["succeeded"] == 3
 
 
@@ -198,9 +199,9 @@ async def test_empty_pool_finishes_with_a_warning(project: Path,
     with pytest.warns(UserWarning, match="data pool is empty"):
         results = await p.run([])
     assert results == []
-    assert p.last_run_files is not None
-    assert p.last_run_files.results.read_bytes() == b""
-    manifest = json.loads(p.last_run_files.manifest.read_text())
+    assert results.files is not None
+    assert results.files.results.read_bytes() == b""
+    manifest = json.loads(results.files.manifest.read_text())
     assert manifest["status"] == "completed" and manifest["counts"]["finished"] == 0
 
 
@@ -211,8 +212,8 @@ async def test_extractor_failures_become_failure_lines(project: Path,
     p = pipeline(project, server)
     results = await p.run(make_pool(3), extract_function=extract.tag("draft"))
     assert [r["index"] for r in results] == [0, 2]
-    assert p.last_run_files is not None
-    (failure,) = read_jsonl(p.last_run_files.failures)
+    assert results.files is not None
+    (failure,) = read_jsonl(results.files.failures)
     assert failure["index"] == 1 and failure["error"]["kind"] == "extraction"
     assert "no complete <draft>" in failure["error"]["message"]
     assert failure["raw_response"] == "I refuse to use tags."
@@ -240,9 +241,10 @@ async def test_extractor_that_raises_anything_fails_only_that_item(
         raise ZeroDivisionError("boom")
 
     p = pipeline(project, server)
-    assert await p.run(make_pool(4), extract_function=explode) == []
-    assert p.last_run_files is not None
-    failures = read_jsonl(p.last_run_files.failures)
+    results = await p.run(make_pool(4), extract_function=explode)
+    assert results == []
+    assert results.files is not None
+    failures = read_jsonl(results.files.failures)
     assert len(failures) == 4
     assert failures[0]["error"]["message"] == "ZeroDivisionError: boom"
 
@@ -252,8 +254,8 @@ async def test_unserialisable_output_is_an_item_failure(project: Path,
     p = pipeline(project, server)
     results = await p.run(make_pool(2), parse_response=lambda text: object())
     assert results == []
-    assert p.last_run_files is not None
-    failures = read_jsonl(p.last_run_files.failures)
+    assert results.files is not None
+    failures = read_jsonl(results.files.failures)
     assert {f["error"]["kind"] for f in failures} == {"serialization"}
     assert "cannot be written as JSON" in failures[0]["error"]["message"]
 
@@ -267,7 +269,8 @@ async def test_pydantic_output_is_serialised(project: Path, server: FakeOpenAISe
     server.responder = lambda body: 'Result: {"n": 3}'
     results = await pipeline(project, server).run(make_pool(1),
                                                   extract_function=extract.json(Out))
-    assert results[0]["output"] == Out(n=3)
+    # in memory as in the file (issue 11.6): the model as JSON
+    assert results[0]["output"] == {"n": 3} == Out(n=3).model_dump()
 
 
 async def test_invalid_api_key_stops_the_run(project: Path) -> None:
@@ -279,11 +282,12 @@ async def test_invalid_api_key_stops_the_run(project: Path) -> None:
         assert err.value.kind == "auth"
         assert "api_key" in str(err.value) and "sk-wrong-key-1234567" not in str(err.value)
         assert server.request_count <= 4  # stopped at once, nothing retried
-        assert p.last_run_files is not None
-        manifest = json.loads(p.last_run_files.manifest.read_text())
+        files = err.value.result.files
+        assert files is not None
+        manifest = json.loads(files.manifest.read_text())
         assert manifest["status"] == "failed" and manifest["error"]["kind"] == "auth"
         # an aborted item is not an item failure: resume must redo it
-        assert read_jsonl(p.last_run_files.failures) == []
+        assert read_jsonl(files.failures) == []
 
 
 async def test_429_with_retry_after_is_retried(project: Path) -> None:
@@ -301,36 +305,39 @@ async def test_429_with_retry_after_is_retried(project: Path) -> None:
         results = await p.run(make_pool(3))
         assert len(results) == 3 and all(r["attempts"] == 2 for r in results)
         assert server.request_count == 6  # the SDK's own retries are off: 1 + 1 per item
-        assert p.last_run_files is not None
-        manifest = json.loads(p.last_run_files.manifest.read_text())
+        assert results.files is not None
+        manifest = json.loads(results.files.manifest.read_text())
         assert manifest["calls"]["rate_limited"] == 3 and manifest["calls"]["retries"] == 3
 
 
 async def test_server_errors_retry_then_fail_with_kind(project: Path) -> None:
     with FakeOpenAIServer(responder=lambda body: FakeReply(status=503)) as server:
         p = DataGenerationPipeline(config=project, base_url=server.base_url, max_retries=2)
-        assert await p.run(make_pool(1)) == []
+        results = await p.run(make_pool(1))
+        assert results == []
         assert server.request_count == 3
-        assert p.last_run_files is not None
-        (failure,) = read_jsonl(p.last_run_files.failures)
+        assert results.files is not None
+        (failure,) = read_jsonl(results.files.failures)
         assert failure["error"]["kind"] == "server_error" and failure["error"]["attempts"] == 3
 
 
 async def test_bad_request_is_not_retried(project: Path) -> None:
     with FakeOpenAIServer(responder=lambda body: FakeReply(status=400)) as server:
         p = DataGenerationPipeline(config=project, base_url=server.base_url, max_retries=3)
-        assert await p.run(make_pool(2)) == []
+        results = await p.run(make_pool(2))
+        assert results == []
         assert server.request_count == 2
-        assert p.last_run_files is not None
-        kinds = {f["error"]["kind"] for f in read_jsonl(p.last_run_files.failures)}
+        assert results.files is not None
+        kinds = {f["error"]["kind"] for f in read_jsonl(results.files.failures)}
         assert kinds == {"bad_request"}
 
 
 async def test_connection_refused_is_a_connection_failure(project: Path, tmp_path: Path) -> None:
     p = DataGenerationPipeline(config=project, base_url="http://127.0.0.1:9/v1")
-    assert await p.run(make_pool(1)) == []
-    assert p.last_run_files is not None
-    (failure,) = read_jsonl(p.last_run_files.failures)
+    results = await p.run(make_pool(1))
+    assert results == []
+    assert results.files is not None
+    (failure,) = read_jsonl(results.files.failures)
     assert failure["error"]["kind"] == "connection"
 
 
@@ -356,9 +363,9 @@ async def test_rate_limit_holds_in_every_second_at_the_server(project: Path,
 
 async def test_manifest_and_log(project: Path, server: FakeOpenAIServer) -> None:
     p = pipeline(project, server, api_key="sk-manifest-secret-99")
-    await p.run(make_pool(4), extract_function=extract.tag("draft"))
-    assert p.last_run_files is not None
-    manifest = json.loads(p.last_run_files.manifest.read_text())
+    results = await p.run(make_pool(4), extract_function=extract.tag("draft"))
+    assert results.files is not None
+    manifest = json.loads(results.files.manifest.read_text())
     assert manifest["status"] == "completed"
     assert manifest["counts"] == {"finished": 4, "succeeded": 4, "failed": 0,
                                   "failed_by_kind": {}, "skipped_done": 0,
@@ -366,10 +373,10 @@ async def test_manifest_and_log(project: Path, server: FakeOpenAIServer) -> None
     assert manifest["calls"]["cache_misses"] == 4 and manifest["calls"]["cache_hits"] == 0
     assert manifest["calls"]["requests"] == 4
     assert manifest["tokens"]["total"] == sum(
-        r["usage"]["total_tokens"] for r in read_jsonl(p.last_run_files.results))
+        r["usage"]["total_tokens"] for r in read_jsonl(results.files.results))
     assert manifest["extractor"] == "tag(draft)"
     assert manifest["config"]["model"]["api_key"] == "<redacted>"
-    log = p.last_run_files.log.read_text()
+    log = results.files.log.read_text()
     assert "run completed: 4 succeeded, 0 failed; 4 requests, 0 retries" in log
     assert "sk-manifest-secret-99" not in log
 
@@ -396,20 +403,20 @@ async def test_existing_output_without_timestamp_is_not_overwritten(
     project: Path, server: FakeOpenAIServer
 ) -> None:
     p = pipeline(project, server, need_time_stamp=False)
-    await p.run(make_pool(1))
-    assert p.last_run_files is not None
-    before = p.last_run_files.results.read_bytes()
+    results = await p.run(make_pool(1))
+    assert results.files is not None
+    before = results.files.results.read_bytes()
     with pytest.raises(OutputError, match="already exists"):
         await pipeline(project, server, need_time_stamp=False).run(make_pool(1))
-    assert p.last_run_files.results.read_bytes() == before
+    assert results.files.results.read_bytes() == before
 
 
 async def test_two_runs_in_one_second_get_separate_files(project: Path,
                                                          server: FakeOpenAIServer) -> None:
     p1, p2 = pipeline(project, server), pipeline(project, server)
-    await p1.run(make_pool(1))
-    await p2.run(make_pool(1))
-    assert p1.last_run_files != p2.last_run_files
+    r1 = await p1.run(make_pool(1))
+    r2 = await p2.run(make_pool(1))
+    assert r1.files != r2.files
 
 
 async def test_plain_progress_when_not_a_terminal(project: Path, server: FakeOpenAIServer,
@@ -444,9 +451,10 @@ async def test_stream_yields_records_as_they_are_written(project: Path,
                                                          server: FakeOpenAIServer) -> None:
     p = pipeline(project, server)
     seen = []
-    async for record in p.stream(make_pool(30), concurrency_limit=4):
-        assert p.last_run_files is not None
-        on_disk = p.last_run_files.results.read_bytes().count(b"\n")
+    stream = p.stream(make_pool(30), concurrency_limit=4)
+    async for record in stream:
+        assert stream.files is not None
+        on_disk = stream.files.results.read_bytes().count(b"\n")
         assert on_disk >= len(seen) + 1  # it was written before it was yielded
         seen.append(record["index"])
     assert sorted(seen) == list(range(30))
@@ -460,9 +468,9 @@ async def test_breaking_out_of_a_stream_stops_the_run(project: Path,
     async for _ in stream:
         break
     await stream.aclose()
-    assert p.last_run_files is not None
+    assert stream.files is not None
     assert server.request_count < 20
-    manifest = json.loads(p.last_run_files.manifest.read_text())
+    manifest = json.loads(stream.files.manifest.read_text())
     assert manifest["status"] == "interrupted"
     rest = await pipeline(project, server).run(make_pool(200), resume=True)
     assert len(rest) + manifest["counts"]["succeeded"] == 200

@@ -72,7 +72,7 @@ async def test_five_topics_example(base_url: str, cassette: Any, tmp_path: Path)
     assert [r["user_prompt_kwargs"]["topic"] for r in results] == example.TOPICS
     for record in results:
         assert record["output"].strip() and "<draft>" not in record["output"]
-    lines = pipeline.last_run_files.results.read_bytes().splitlines()
+    lines = results.files.results.read_bytes().splitlines()
     assert len(lines) == 5
     assert all(orjson.loads(line)["model"] for line in lines)
     assert cassette.play_count == 5 or recording_requested()
@@ -115,8 +115,9 @@ async def test_a_request_missing_from_the_cassette_fails_fast(tmp_path: Path) ->
     pool = [{"user_prompt_kwargs": {"topic": "never recorded", "word_count": "1 word"},
              "system_prompt_kwargs": {"tone": "plain"}}]
     with make_vcr(CASSETTES, record=False).use_cassette("test_five_topics_example.yaml"):
-        assert await pipeline.run(pool) == []
-    failure = orjson.loads(pipeline.last_run_files.failures.read_bytes())
+        result = await pipeline.run(pool)
+        assert result == []
+    failure = orjson.loads(result.files.failures.read_bytes())
     assert failure["error"]["attempts"] == 1
 
 

@@ -32,17 +32,17 @@ def pipe(project: Path, server: FakeOpenAIServer, **kw: Any) -> DataGenerationPi
 async def test_resume_sends_only_what_is_missing(project: Path,
                                                  server: FakeOpenAIServer) -> None:
     first = pipe(project, server, cache=False)
-    await first.run(make_pool(10))
+    first_result = await first.run(make_pool(10))
     assert server.request_count == 10
     pool = make_pool(15)[::-1]  # reordered and grown: keys are content, not positions
     second = pipe(project, server, cache=False)
     results = await second.run(pool, resume=True)
-    assert second.last_run_files == first.last_run_files  # same files, appended
+    assert results.files == first_result.files  # same files, appended
     assert server.request_count == 15  # only the 5 new items were sent
     assert len(results) == 5
-    records = lines(first.last_run_files.results)
+    records = lines(first_result.files.results)
     assert len(records) == 15 and len({r["key"] for r in records}) == 15
-    manifest = json.loads(first.last_run_files.manifest.read_text())
+    manifest = json.loads(first_result.files.manifest.read_text())
     assert manifest["counts"]["skipped_done"] == 10 and manifest["resumed"] is True
     assert manifest["counts"]["results_in_file"] == 15
 
@@ -56,8 +56,9 @@ async def test_resume_retries_failed_items(project: Path) -> None:
 
     with FakeOpenAIServer(responder=fails_first_time) as server:
         p = pipe(project, server, cache=False)
-        assert await p.run(make_pool(2), concurrency_limit=1) == []
-        assert len(lines(p.last_run_files.failures)) == 2
+        result = await p.run(make_pool(2), concurrency_limit=1)
+        assert result == []
+        assert len(lines(result.files.failures)) == 2
         again = await pipe(project, server, cache=False).run(make_pool(2), resume=True)
         assert len(again) == 2
 
@@ -69,15 +70,16 @@ async def test_resume_with_nothing_to_resume_starts_a_run(project: Path,
 
 async def test_torn_last_line_is_cut_not_parsed(project: Path, server: FakeOpenAIServer) -> None:
     p = pipe(project, server, cache=False)
-    await p.run(make_pool(4))
-    results = p.last_run_files.results
+    results = (await p.run(make_pool(4))).files.results
     whole = results.read_bytes()
     last_start = whole.rstrip(b"\n").rfind(b"\n") + 1
     results.write_bytes(whole[: last_start + 25])  # a crash in the middle of the last write
     await pipe(project, server, cache=False).run(make_pool(4), resume=True)
     records = lines(results)  # every line parses
     assert sorted(r["index"] for r in records) == [0, 1, 2, 3]
-    assert server.request_count == 5  # only the torn item was redone
+    # only the torn item was redone, from the answer the run kept: with the cache off a
+    # run still keeps its own paid answers for its resume (issue 12.8: never paid twice)
+    assert server.request_count == 4
 
 
 async def test_resume_after_template_change_is_refused(project: Path,
@@ -106,7 +108,7 @@ async def test_cache_answers_a_repeated_request_without_sending(
     assert server.request_count == 6  # all six from the cache
     assert [r["raw_response"] for r in second] == [r["raw_response"] for r in first]
     assert all(r["cached"] and r["attempts"] == 0 for r in second)
-    manifest = json.loads(p.last_run_files.manifest.read_text())
+    manifest = json.loads(second.files.manifest.read_text())
     assert manifest["calls"]["cache_hits"] == 6 and manifest["calls"]["requests"] == 0
 
 

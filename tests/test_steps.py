@@ -40,8 +40,9 @@ def step_of(body: dict[str, Any]) -> str:
 class Model:
     """A rule-based stand-in for the model; the judge can be scripted to fail."""
 
-    def __init__(self, judge_failures: int = 0) -> None:
+    def __init__(self, judge_failures: int = 0, fail_only: str = "") -> None:
         self.judge_failures = judge_failures
+        self.fail_only = fail_only  # judge failures only for questions containing this
         self.calls: Counter[str] = Counter()
 
     def __call__(self, body: dict[str, Any]) -> Any:
@@ -54,7 +55,7 @@ class Model:
         if step == "answer":
             question = re.search(r"Question: (.*)", text).group(1)  # type: ignore[union-attr]
             return f"<answer>About: {question}</answer>"
-        if self.judge_failures > 0:
+        if self.judge_failures > 0 and self.fail_only in text:
             self.judge_failures -= 1
             return "VERDICT: FAIL"
         return "VERDICT: PASS"
@@ -101,14 +102,17 @@ def test_three_steps_with_fan_out_carry_every_output(tmp_path: Path) -> None:
 
 
 def test_a_judge_that_fails_twice_then_passes(tmp_path: Path) -> None:
-    with FakeOpenAIServer(responder=Model(judge_failures=2)) as server:
+    # the two fan-out children run concurrently (their user code runs off the event loop,
+    # so their calls interleave): the failures are aimed at the first child's question
+    with FakeOpenAIServer(responder=Model(judge_failures=2, fail_only="bees do")) as server:
         p = build(server.base_url, tmp_path)
         results = p.run_sync(POOL[:1], concurrency_limit=1)
-        judge_prompts = [last_user_message(b) for b in server.bodies if step_of(b) == "judge"]
+        judge_prompts = [last_user_message(b) for b in server.bodies
+                         if step_of(b) == "judge" and "bees do" in last_user_message(b)]
     assert [r["steps"]["judge"]["validation_retries"] for r in results] == [2, 0]
     # the reason reached the template of the retries
     assert "rejected: the answer is not supported" in judge_prompts[1]
-    manifest = json.loads(p.last_run_files.manifest.read_text())
+    manifest = json.loads(results.files.manifest.read_text())
     assert manifest["steps"]["judge"]["validation_retries"] == 2
     assert manifest["calls"]["retries"] == 0  # counted apart from transport retries
 
@@ -116,8 +120,9 @@ def test_a_judge_that_fails_twice_then_passes(tmp_path: Path) -> None:
 def test_a_judge_that_keeps_failing_sends_the_item_to_failures(tmp_path: Path) -> None:
     with FakeOpenAIServer(responder=Model(judge_failures=100)) as server:
         p = build(server.base_url, tmp_path)
-        assert p.run_sync(POOL[:1]) == []
-    failures = lines(p.last_run_files.failures)
+        result = p.run_sync(POOL[:1])
+        assert result == []
+    failures = lines(result.files.failures)
     assert len(failures) == 2
     assert failures[0]["step"] == "judge" and failures[0]["error"]["kind"] == "validation"
     assert failures[0]["error"]["message"] == "the answer is not supported"
@@ -130,18 +135,20 @@ def test_resume_after_the_first_step_sends_nothing_for_it(tmp_path: Path) -> Non
     def answer_step_down(body: dict[str, Any]) -> Any:
         return FakeReply(status=503) if step_of(body) == "answer" else model(body)
 
+    # the same server (its address is part of every request's identity) comes back
     with FakeOpenAIServer(responder=answer_step_down) as server:
         first = build(server.base_url, tmp_path)
         assert first.run_sync(POOL) == []  # died after the first step: every answer failed
         assert model.calls["question"] == 2
-    with FakeOpenAIServer(responder=model) as server:
+        port = server.port
+    with FakeOpenAIServer(responder=model, port=port) as server:
         again = build(server.base_url, tmp_path).run_sync(POOL, resume=True)
         sent = Counter(step_of(b) for b in server.bodies)
     assert len(again) == 4
     assert sent["question"] == 0  # replayed from the cache
     assert sent == {"answer": 4, "judge": 4}
     # and finished children are not redone
-    with FakeOpenAIServer(responder=model) as server:
+    with FakeOpenAIServer(responder=model, port=port) as server:
         more = build(server.base_url, tmp_path).run_sync(
             [*POOL, {"text": "Stars shine at night."}], resume=True)
         assert len(more) == 2 and Counter(step_of(b) for b in server.bodies) == {
@@ -198,12 +205,13 @@ def test_input_processor_observers_debug_and_progress(tmp_path: Path) -> None:
                    input_processor=lambda ctx: {**ctx, "question": ctx["text"].upper()}))
         p.on_call(before=lambda e: events.append(("before", e.step, e.response is None)),
                   after=lambda e: events.append(("after", e.step, e.response is None)))
-        p.run_sync(POOL, progress_callback=lambda task, frac, msg: progress.append((task, frac)))
+        results = p.run_sync(POOL, progress_callback=lambda task, frac, msg:
+                             progress.append((task, frac)))
         assert "Question: BEES MAKE HONEY." in last_user_message(server.bodies[0])
     assert events.count(("before", "answer", True)) == 2
     assert events.count(("after", "answer", False)) == 2
     assert progress[-1] == ("answer", 1.0)
-    debug = list(p.last_run_files.results.parent.glob("*_debug/*.json"))
+    debug = list(results.files.results.parent.glob("*_debug/*.json"))
     assert len(debug) == 2
     for f in debug:
         data = json.loads(f.read_text())
@@ -241,8 +249,9 @@ def test_pydantic_response_format_is_sent_and_validated(tmp_path: Path) -> None:
         results = p.run_sync([{"question": "q", "answer": "a"}])
         fmt = server.bodies[0]["response_format"]
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "Verdict"
-    assert results[0]["output"] == Verdict(ok=True, reason="fine")
-    assert lines(p.last_run_files.results)[0]["output"] == {"ok": True, "reason": "fine"}
+    # in memory as in the file (issue 11.6): the model as JSON
+    assert results[0]["output"] == Verdict(ok=True, reason="fine").model_dump()
+    assert lines(results.files.results)[0]["output"] == {"ok": True, "reason": "fine"}
 
 
 def test_same_inputs_same_outputs_and_keys(tmp_path: Path) -> None:
@@ -314,7 +323,8 @@ def test_killed_after_the_first_step_resume_sends_nothing_for_it(tmp_path: Path)
         proc.send_signal(signal.SIGKILL)  # both questions answered, answers in flight
         proc.wait()
         assert Counter(step_of(b) for b in server.bodies)["question"] == 2
-    with FakeOpenAIServer(responder=Model()) as server:
+        port = server.port  # the same server comes back (it is part of the identity)
+    with FakeOpenAIServer(responder=Model(), port=port) as server:
         results = build(server.base_url, tmp_path).run_sync(POOL, resume=True)
         sent = Counter(step_of(b) for b in server.bodies)
     assert len(results) == 4
@@ -333,6 +343,6 @@ def test_input_processor_that_raises_fails_only_that_item(tmp_path: Path) -> Non
              .step("answer", prompt="answer.yaml", input_processor=shout))
         results = p.run_sync(POOL)
     assert [r["item"]["text"] for r in results] == ["Bees make honey."]
-    (failure,) = lines(p.last_run_files.failures)
+    (failure,) = lines(results.files.failures)
     assert failure["error"]["kind"] == "input_processor"
     assert "KeyError" in failure["error"]["message"] and failure["step"] == "answer"

@@ -29,9 +29,9 @@ def run(project: Path, server: FakeOpenAIServer, transport: str, n: int = 1,
                                cache=False, **kw)
     assert p.transport_name() == transport
     results = p.run_sync(make_pool(n), extract_function=extract.tag("draft"))
-    assert p.last_run_files is not None
-    failures = [orjson.loads(x) for x in p.last_run_files.failures.read_bytes().splitlines()] \
-        if p.last_run_files.failures.exists() else []
+    assert results.files is not None
+    failures = [orjson.loads(x) for x in results.files.failures.read_bytes().splitlines()] \
+        if results.files.failures.exists() else []
     return results, failures
 
 
@@ -109,16 +109,21 @@ def test_fatal_statuses_stop_the_run(project: Path, transport: str, status: int,
 def test_connection_refused(project: Path, transport: str) -> None:
     p = DataGenerationPipeline(config=project, base_url="http://127.0.0.1:9/v1",
                                transport=transport, max_retries=1, cache=False)
-    assert p.run_sync(make_pool(1)) == []
-    failure = orjson.loads(p.last_run_files.failures.read_bytes())
+    result = p.run_sync(make_pool(1))
+    assert result == []
+    failure = orjson.loads(result.files.failures.read_bytes())
     assert failure["error"]["kind"] == "connection" and failure["error"]["attempts"] == 2
 
 
 def test_auto_picks_the_fast_path_only_for_openai_compatible_endpoints(project: Path) -> None:
     assert DataGenerationPipeline(config=project).transport_name() == "openai"
+    # issue 16: Anthropic's Messages API has a fast path of its own; the embedded model
+    # is served in process by its own transport (no litellm on that path either)
     assert DataGenerationPipeline(config=project, provider="anthropic",
-                                  base_url=None).transport_name() == "litellm"
+                                  base_url=None).transport_name() == "anthropic"
     assert DataGenerationPipeline(config=project, provider="local", model="smollm2",
+                                  base_url=None).transport_name() == "local"
+    assert DataGenerationPipeline(config=project, provider="gemini", model="gemini-2.0-flash",
                                   base_url=None).transport_name() == "litellm"
     assert DataGenerationPipeline(config=project, provider="local",
                                   base_url="http://127.0.0.1:1/v1").transport_name() == "openai"

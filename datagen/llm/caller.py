@@ -1,4 +1,5 @@
-"""One call with everything around it: wait for a turn, send, retry what can be retried."""
+"""One call with everything around it: the cache, a turn from the throttle, the send, and
+the retries of what can be retried."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from datagen.llm.errors import CallError
-from datagen.llm.throttle import Throttle
+from datagen.llm.throttle import Estimate, Throttle
 from datagen.llm.types import ChatRequest, Completion
 
 if TYPE_CHECKING:
-    from datagen.cache import ResponseCache
+    from datagen.llm.cache import ResponseCache
 
 log = logging.getLogger("datagen.llm")
 BACKOFF_BASE_S = 0.5
@@ -22,6 +23,10 @@ BACKOFF_CAP_S = 30.0
 
 
 class Transport(Protocol):
+    """Sends one request, once (no hidden retries), and reads the answer; every failure
+    is a :class:`CallError`. Real providers, the embedded model and the test kit's fakes
+    all plug in here."""
+
     name: str
 
     async def complete(self, request: ChatRequest) -> Completion: ...
@@ -48,24 +53,28 @@ class CallStats:
         """The counters of every model a run used, added up (each model counted once)."""
         out = cls()
         for s in {id(s): s for s in parts}.values():
-            out.requests += s.requests
-            out.retries += s.retries
-            out.rate_limited += s.rate_limited
-            out.errors_by_kind.update(s.errors_by_kind)
-            out.prompt_tokens += s.prompt_tokens
-            out.completion_tokens += s.completion_tokens
-            out.cache_hits += s.cache_hits
-            out.cache_misses += s.cache_misses
-            out.cost_usd = (None if out.cost_usd is None or s.cost_usd is None
-                            else out.cost_usd + s.cost_usd)
+            out.add(s)
         return out
 
+    def add(self, s: CallStats) -> None:
+        self.requests += s.requests
+        self.retries += s.retries
+        self.rate_limited += s.rate_limited
+        self.errors_by_kind.update(s.errors_by_kind)
+        self.prompt_tokens += s.prompt_tokens
+        self.completion_tokens += s.completion_tokens
+        self.cache_hits += s.cache_hits
+        self.cache_misses += s.cache_misses
+        self.cost_usd = (None if self.cost_usd is None or s.cost_usd is None
+                         else self.cost_usd + s.cost_usd)
 
-def estimate_tokens(request: ChatRequest) -> int:
+
+def estimate_tokens(request: ChatRequest) -> Estimate:
     """Tokens a request may use, before it is sent: prompt characters / 4 + the budget."""
-    prompt = sum(len(str(m.get("content", ""))) for m in request.messages) // 4
+    text = request.prompt if request.prompt is not None else "".join(
+        str(m.get("content", "")) for m in request.messages)
     budget = request.params.get("max_tokens") or request.params.get("max_completion_tokens")
-    return prompt + 4 * len(request.messages) + int(budget or 256)
+    return Estimate(len(text) // 4 + 4 * len(request.messages), int(budget or 256))
 
 
 def backoff_delay(attempt: int) -> float:
@@ -96,7 +105,7 @@ class Caller:
                 self.stats.cache_hits += 1
                 return hit, 0
             self.stats.cache_misses += 1
-        estimate = estimate_tokens(request) if self.throttle.counts_tokens else 0
+        estimate = estimate_tokens(request) if self.throttle.counts_tokens else None
         attempt = 0
         while True:
             attempt += 1
@@ -105,36 +114,58 @@ class Caller:
                     self.stats.requests += 1
                     completion = await self.transport.complete(request)
             except CallError as err:
-                self.stats.errors_by_kind[err.kind] += 1
-                if err.kind == "rate_limit":
-                    self.stats.rate_limited += 1
-                    self.throttle.rate_limited()
-                if not err.retryable or attempt > self.max_retries:
-                    err.attempts = attempt
-                    raise
-                delay = self._delay(err, attempt)
-                self.stats.retries += 1
-                log.info("retry %d/%d in %.2fs after %s: %s", attempt, self.max_retries,
-                         delay, err.kind, err.message[:200])
-                await asyncio.sleep(delay)
+                await self._failed(err, attempt)
                 continue
-            self.throttle.used_tokens(estimate, completion.usage.total_tokens or estimate)
-            if self.throttle.concurrency is not None:
-                self.throttle.concurrency.succeeded()
-            if self.cache is not None and cache_key is not None:
-                self.cache.put(cache_key, completion)  # before parsing: never paid twice
-            self.stats.prompt_tokens += completion.usage.prompt_tokens
-            self.stats.completion_tokens += completion.usage.completion_tokens
-            if self.prices is None:
-                self.stats.cost_usd = None
-            elif self.stats.cost_usd is not None:
-                self.stats.cost_usd += (completion.usage.prompt_tokens * self.prices[0]
-                                        + completion.usage.completion_tokens * self.prices[1])
-            return completion, attempt
+            return self._answered(request, completion, estimate, cache_key), attempt
+
+    async def _failed(self, err: CallError, attempt: int) -> None:
+        """Count a failed attempt; raise it if it is final, else wait before the next."""
+        self.stats.errors_by_kind[err.kind] += 1
+        if err.kind == "rate_limit":
+            self.stats.rate_limited += 1
+            self.throttle.rate_limited()
+        if not err.retryable or attempt > self.max_retries:
+            err.attempts = attempt
+            raise err
+        delay = self._delay(err, attempt)
+        self.stats.retries += 1
+        log.info("retry %d/%d in %.2fs after %s: %s", attempt, self.max_retries, delay,
+                 err.kind, err.message[:200])
+        await asyncio.sleep(delay)
+
+    def _answered(self, request: ChatRequest, completion: Completion,
+                  estimate: Estimate | None, cache_key: str | None) -> Completion:
+        prefill = request.prefill
+        if prefill:  # the record holds the whole answer: the prefill and its continuation
+            completion = _with_prefix(completion, prefill)
+        usage = completion.usage
+        if estimate is not None:
+            self.throttle.used_tokens(estimate, usage.prompt_tokens, usage.completion_tokens)
+        if self.throttle.concurrency is not None:
+            self.throttle.concurrency.succeeded()
+        if self.cache is not None and cache_key is not None:
+            self.cache.put(cache_key, completion)  # before parsing: never paid twice
+        self.stats.prompt_tokens += usage.prompt_tokens
+        self.stats.completion_tokens += usage.completion_tokens
+        if self.prices is None:
+            self.stats.cost_usd = None
+        elif self.stats.cost_usd is not None:
+            self.stats.cost_usd += (usage.prompt_tokens * self.prices[0]
+                                    + usage.completion_tokens * self.prices[1])
+        return completion
 
     def _delay(self, err: CallError, attempt: int) -> float:
         if err.retry_after is not None:
-            # The provider said when: every worker waits, not just this one.
-            self.throttle.pause(err.retry_after)
-            return err.retry_after + random.uniform(0, 0.1 * max(err.retry_after, 0.1))
+            # The provider said when: every worker waits, not just this one (capped).
+            wait = self.throttle.pause(err.retry_after, f"{err.kind}: Retry-After "
+                                       f"{err.retry_after:g} s")
+            return wait + random.uniform(0, 0.1 * max(wait, 0.1))
         return backoff_delay(attempt - 1)
+
+
+def _with_prefix(completion: Completion, prefill: str) -> Completion:
+    from dataclasses import replace
+
+    if completion.text.startswith(prefill):  # a server that echoes the prefill
+        return completion
+    return replace(completion, text=prefill + completion.text)

@@ -27,21 +27,7 @@ def import_litellm() -> ModuleType:
 
     litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stderr
     litellm.telemetry = False
-    _register_providers(litellm)
     return litellm
-
-
-def _register_providers(litellm: ModuleType) -> None:
-    """Serve ``local/...`` (the embedded model) and ``fake/...`` (tests) through litellm."""
-    from datagen.llm.local import make_provider as make_local
-    from datagen.testing.fake_model import make_provider as make_fake
-
-    ours = {"local": make_local(), "fake": make_fake()}
-    current: list[dict[str, Any]] = getattr(litellm, "custom_provider_map", [])
-    kept = [p for p in current if p.get("provider") not in ours]
-    litellm.custom_provider_map = kept + [  # type: ignore[attr-defined]
-        {"provider": name, "custom_handler": handler} for name, handler in ours.items()
-    ]
 
 
 def known_providers() -> set[str]:
@@ -147,6 +133,8 @@ class LiteLLMTransport:
             kwargs["api_key"] = "EMPTY"
         if request.base_url:
             kwargs["api_base"] = request.base_url
+        if request.headers:
+            kwargs["extra_headers"] = dict(request.headers)
         started = time.perf_counter()
         try:
             if request.prompt is not None:  # text completion: a base model, a plain prompt

@@ -1,7 +1,6 @@
 """The embedded local model: ``local/smollm2``, in process, through llama-cpp-python.
 
-A litellm custom provider, so a local model goes through the same path as any other:
-``litellm.acompletion(model="local/smollm2", ...)``. One ``Llama`` per model per process,
+A transport of its own (no litellm on this path): one ``Llama`` per model per process,
 loaded on first use; generation runs on one dedicated worker thread (llama.cpp is not
 safe to call concurrently, and the event loop must stay free), so calls are serialised.
 
@@ -9,7 +8,9 @@ Repeatable by default: a request without a seed gets seed 0 (and a repeat penalt
 unless one is set). A GBNF ``grammar`` (text)
 or ``response_format={"type": "json_object", "schema": ...}`` constrains the output; the
 pipeline adds the one matching its extractor (small models ignore "use <draft> tags" in a
-prompt but always follow a grammar).
+prompt but always follow a grammar). A chat whose last message is the assistant's is a
+prefill: the chat template is applied with the assistant's turn left open, the prefill
+appended, and the model continues it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import ConfigError
+from datagen.llm.errors import CallError
+from datagen.llm.types import ChatRequest, Completion, Usage
 
 INSTALL_HINT = (
     "install the local model with `make local` in the datagen repository (it builds "
@@ -122,22 +125,60 @@ class _Runtime:
                 )
             return self._models[name]
 
-    def generate(self, name: str, messages: list[dict[str, Any]], params: dict[str, Any]
+    def chat_prompt(self, name: str, messages: list[dict[str, Any]]) -> str:
+        """The model's own chat template applied to ``messages`` with the assistant's turn
+        opened (the text a chat completion would feed the model)."""
+        llm = self.model(name)
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ConfigError(f"local/{name} has no chat template; prefill needs one")
+        eos = llm.detokenize([llm.token_eos()]).decode("utf-8", "replace")
+        bos = llm.detokenize([llm.token_bos()]).decode("utf-8", "replace")
+        formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        return str(formatter(messages=messages).prompt)  # type: ignore[arg-type]
+
+    def generate(self, name: str, request: ChatRequest, params: dict[str, Any]
                  ) -> dict[str, Any]:
         llm = self.model(name)
         kwargs = dict(params)
         grammar = kwargs.pop("grammar", None)
+        llama_cpp = _import_llama_cpp()
         if isinstance(grammar, str):
-            kwargs["grammar"] = _import_llama_cpp().LlamaGrammar.from_string(grammar,
-                                                                            verbose=False)
+            kwargs["grammar"] = llama_cpp.LlamaGrammar.from_string(grammar, verbose=False)
+        prompt = request.prompt
+        if prompt is None and request.prefill is not None:
+            # prefill: the chat template with the assistant's turn left open, then its
+            # opening words; the model continues them
+            prompt = self.chat_prompt(name, request.messages[:-1]) + request.prefill
         with self._lock:
-            result: dict[str, Any] = llm.create_chat_completion(messages=messages, **kwargs)
+            if prompt is None:
+                result: dict[str, Any] = llm.create_chat_completion(
+                    messages=request.messages, **kwargs)
+            else:
+                _grammar_for_completion(llama_cpp, kwargs)
+                result = llm.create_completion(prompt=prompt, **kwargs)
         return result
 
-    async def agenerate(self, name: str, messages: list[dict[str, Any]],
-                        params: dict[str, Any]) -> dict[str, Any]:
+    async def agenerate(self, name: str, request: ChatRequest, params: dict[str, Any]
+                        ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.generate, name, messages, params)
+        return await loop.run_in_executor(self._executor, self.generate, name, request, params)
+
+
+def _grammar_for_completion(llama_cpp: Any, kwargs: dict[str, Any]) -> None:
+    """create_completion takes no response_format: turn a JSON format into its grammar."""
+    import json
+
+    fmt = kwargs.pop("response_format", None)
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_object" or "grammar" in kwargs:
+        return
+    schema = fmt.get("schema")
+    kwargs["grammar"] = (llama_cpp.LlamaGrammar.from_json_schema(json.dumps(schema),
+                                                                 verbose=False)
+                         if schema else llama_cpp.LlamaGrammar.from_string(
+                             llama_cpp.llama_grammar.JSON_GBNF, verbose=False))
 
 
 _runtime: _Runtime | None = None
@@ -177,29 +218,47 @@ def llama_params(optional_params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_provider() -> Any:
-    """The litellm CustomLLM serving ``local/<name>``."""
-    from litellm.llms.custom_llm import CustomLLM
-    from litellm.types.utils import Usage
+def _completion(result: dict[str, Any], model: str, started: float) -> Completion:
+    choice = result["choices"][0]
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    usage = result.get("usage") or {}
+    return Completion(text=text or "", finish_reason=choice.get("finish_reason") or "stop",
+                      usage=Usage(int(usage.get("prompt_tokens", 0)),
+                                  int(usage.get("completion_tokens", 0))),
+                      model=f"local/{model}", latency_s=time.perf_counter() - started)
 
-    class LocalProvider(CustomLLM):
-        async def acompletion(self, model: str, messages: list[dict[str, Any]],
-                              *args: Any, **kwargs: Any) -> Any:
-            model_response = kwargs["model_response"]
-            optional_params = kwargs.get("optional_params") or {}
-            started = time.perf_counter()
-            result = await runtime().agenerate(model, messages, llama_params(optional_params))
-            choice = result["choices"][0]
-            model_response.choices[0].message.content = choice["message"].get("content") or ""
-            model_response.choices[0].finish_reason = choice.get("finish_reason") or "stop"
-            usage = result.get("usage") or {}
-            model_response.usage = Usage(
-                prompt_tokens=usage.get("prompt_tokens", 0),
-                completion_tokens=usage.get("completion_tokens", 0),
-                total_tokens=usage.get("total_tokens", 0),
-            )
-            model_response.model = f"local/{model}"
-            model_response._response_ms = (time.perf_counter() - started) * 1000
-            return model_response
 
-    return LocalProvider()
+def _classify(exc: Exception) -> CallError:
+    text = f"{type(exc).__name__}: {exc}"
+    if "context window" in text or "exceed context" in text:
+        return CallError("context_window", text)
+    return CallError("error", text)
+
+
+class LocalTransport:
+    """The embedded model, in process: ``provider: local`` without a base_url."""
+
+    name = "local"
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        model = request.model.split("/", 1)[-1]
+        started = time.perf_counter()
+        try:
+            result = await runtime().agenerate(model, request, llama_params(dict(request.params)))
+        except CallError:
+            raise
+        except Exception as exc:  # llama.cpp's own errors: this item's, never the run's
+            raise _classify(exc) from None
+        return _completion(result, model, started)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def make_transport(m: Any, concurrency: int) -> LocalTransport:
+    return LocalTransport()
+
+
+def check_model(m: Any) -> None:
+    check_available(m.model.removeprefix("local/"))

@@ -94,13 +94,13 @@ class OpenAITransport:
     name = "openai"
 
     def __init__(self, provider: str, base_url: str | None, api_key: str | None,
-                 pool_size: int = 64) -> None:
+                 pool_size: int = 64, headers: dict[str, str] | None = None) -> None:
         default_url, key_env = OPENAI_COMPATIBLE.get(provider, OPENAI_COMPATIBLE["openai"])
         root = (base_url or default_url).rstrip("/")
         self.url = root + "/chat/completions"
         self.completions_url = root + "/completions"  # text completion, for base models
         key = api_key or os.environ.get(key_env)
-        self._headers = {"Content-Type": "application/json"}
+        self._headers = {"Content-Type": "application/json", **(headers or {})}
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
         self.pool_size = pool_size

@@ -6,39 +6,66 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from datagen.config import ModelConfig, Settings
+from datagen.config import ModelConfig, sampling_of
 from datagen.errors import ConfigError
+from datagen.llm import providers
 from datagen.llm.caller import Caller, Transport
-from datagen.llm.throttle import Throttle
+from datagen.llm.throttle import (
+    SEND_JITTER_MARGIN_S,
+    RateSpec,
+    Throttle,
+    endpoint_key,
+    endpoint_limits,
+)  # fmt: skip
 from datagen.llm.types import ChatRequest
 
-# Providers datagen serves itself (registered with litellm as custom providers).
-BUILTIN_PROVIDERS: frozenset[str] = frozenset({"local", "fake"})
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
+__all__ = ["make_caller", "request_builder", "sampling_of", "transport_name"]
+
+
+def api_key_of(m: ModelConfig) -> str | None:
+    return m.api_key.get_secret_value() if m.api_key else None
 
 
 def transport_name(m: ModelConfig) -> str:
-    """'openai' (the fast aiohttp path) or 'litellm', as model.transport resolves."""
+    """Which transport serves ``m``: 'openai' (the fast aiohttp path for OpenAI-compatible
+    endpoints), 'anthropic' (the fast path for Anthropic's Messages API), a registered
+    provider's name (the embedded model, test fakes), or 'litellm' for everything else."""
     from datagen.llm.openai_transport import speaks_openai
 
-    fits = speaks_openai(m.effective_provider()) and not m.is_embedded()
+    plugin = providers.registered(m)
+    if plugin is not None:
+        return plugin.name
+    provider = m.effective_provider()
+    fits = {"openai": speaks_openai(provider), "anthropic": provider == "anthropic"}
     if m.transport == "auto":
-        return "openai" if fits else "litellm"
-    if m.transport == "openai" and not fits:
+        return next((name for name, ok in fits.items() if ok), "litellm")
+    if m.transport != "litellm" and not fits[m.transport]:
+        need = ("an OpenAI-compatible endpoint" if m.transport == "openai" else
+                "provider 'anthropic'")
         raise ConfigError(
-            f"transport 'openai' needs an OpenAI-compatible endpoint, and provider "
-            f"'{m.provider}' is not one: use transport 'litellm' (or 'auto'), or "
-            "provider 'openai' with model.base_url"
-        )
+            f"transport '{m.transport}' needs {need}, and provider '{m.provider}' is not "
+            "one: use transport 'litellm' (or 'auto'), or provider 'openai' with "
+            "model.base_url for an OpenAI-compatible server")
     return m.transport
 
 
 def make_transport(m: ModelConfig, concurrency: int) -> Transport:
-    if transport_name(m) == "openai":
+    name = transport_name(m)
+    plugin = providers.registered(m)
+    if plugin is not None:
+        transport: Transport = plugin.make_transport(m, concurrency)
+        return transport
+    if name == "openai":
         from datagen.llm.openai_transport import OpenAITransport
 
-        key = m.api_key.get_secret_value() if m.api_key else None
-        return OpenAITransport(m.effective_provider(), m.base_url, key, pool_size=concurrency)
+        return OpenAITransport(m.effective_provider(), m.base_url, api_key_of(m),
+                               pool_size=concurrency, headers=m.headers)
+    if name == "anthropic":
+        from datagen.llm.anthropic_transport import AnthropicTransport
+
+        return AnthropicTransport(m.base_url, api_key_of(m), pool_size=concurrency,
+                                  headers=m.headers)
     from datagen.llm.litellm_transport import LiteLLMTransport
 
     return LiteLLMTransport()
@@ -46,19 +73,17 @@ def make_transport(m: ModelConfig, concurrency: int) -> Transport:
 
 def check_provider(m: ModelConfig) -> None:
     """Raise ConfigError for a provider or local model that cannot serve requests."""
-    if transport_name(m) == "openai":
-        return  # a provider the fast path knows: no need to load litellm to check it
-    if m.is_embedded():
-        from datagen.llm.local import check_available
-
-        check_available(m.model.removeprefix("local/"))
+    plugin = providers.registered(m)
+    if plugin is not None:
+        if plugin.check is not None:
+            plugin.check(m)
         return
-    if m.provider in BUILTIN_PROVIDERS:
-        return
+    if transport_name(m) != "litellm":
+        return  # a provider a fast path knows: no need to load litellm to check it
     from datagen.llm.litellm_transport import known_providers
 
     known = known_providers()
-    if m.provider not in known:
+    if m.effective_provider() not in known:
         close = difflib.get_close_matches(m.provider, sorted(known), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
@@ -104,26 +129,34 @@ def request_builder(m: ModelConfig, params: dict[str, Any]
                     ) -> Callable[[Messages | None, str | None], ChatRequest]:
     """(messages, prompt) -> ChatRequest, with everything else fixed once per run."""
     model, base_url, timeout = m.model_string(), m.base_url, m.timeout
-    key = m.api_key.get_secret_value() if m.api_key else None
+    provider, headers, key = m.effective_provider(), dict(m.headers), api_key_of(m)
 
     def build(messages: Messages | None, prompt: str | None = None) -> ChatRequest:
-        return ChatRequest(model=model, messages=messages or [], params=params, api_key=key,
-                           base_url=base_url, timeout=timeout, prompt=prompt)
+        return ChatRequest(model=model, messages=messages or [], params=params,
+                           provider=provider, base_url=base_url, prompt=prompt,
+                           headers=headers, api_key=key, timeout=timeout)
 
     return build
 
 
-def sampling_of(m: ModelConfig) -> dict[str, Any]:
-    """A model's sampling parameters that are set, plus its extra_params."""
-    return Settings(model=m).sampling_params()
+def rate_spec(m: ModelConfig, transport: str) -> RateSpec:
+    # litellm spends milliseconds of CPU between our grant and its send: more margin
+    margin = SEND_JITTER_MARGIN_S["slow" if transport == "litellm" else "fast"]
+    return RateSpec(m.rate_limit, m.requests_per_minute, m.tokens_per_minute,
+                    m.input_tokens_per_minute, m.output_tokens_per_minute,
+                    m.max_retry_after, margin)
 
 
 def make_caller(m: ModelConfig, concurrency: int, cache: Any) -> Caller:
     transport = make_transport(m, concurrency)
-    throttle = Throttle(m.rate_limit, requests_per_minute=m.requests_per_minute,
-                        tokens_per_minute=m.tokens_per_minute, concurrency=concurrency,
-                        slack=transport.name != "litellm")
+    key = endpoint_key(m.effective_provider(), m.base_url, m.model_string(), api_key_of(m))
+    limits = endpoint_limits(key, rate_spec(m, transport.name), m.model_string())
+    throttle = Throttle(concurrency=concurrency, limits=limits)
+    return Caller(transport, throttle, max_retries=m.max_retries, cache=cache,
+                  prices=prices_of(m))
+
+
+def prices_of(m: ModelConfig) -> tuple[float, float] | None:
     from datagen.costs import prices_for
 
-    return Caller(transport, throttle, max_retries=m.max_retries, cache=cache,
-                  prices=prices_for(m))
+    return prices_for(m)

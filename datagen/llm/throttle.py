@@ -1,86 +1,289 @@
 """Pacing of requests: concurrency, requests per second/minute, tokens per minute, and the
-shared pause a 429's Retry-After imposes.
+shared pause a 429's Retry-After (or an exhausted rate-limit header) imposes.
+
+The budget belongs to the **endpoint** (provider, base_url, model, key), once per process:
+every run, every step and every worker that calls the same model on the same server draws
+from one :class:`EndpointLimits`, also when runs overlap or follow each other in one
+process (each ``asyncio.run`` has its own event loop, so nothing here holds an asyncio
+object across calls: waits are reservations of a moment, then a sleep).
 
 Every attempt goes through :meth:`Throttle.slot`, in this order:
 
-1. wait while a Retry-After pause is in force (it holds every worker, not just one);
-2. take a concurrency slot: adaptive, AIMD as in NVIDIA Data Designer: a 429 halves the
-   limit, each run of ``limit`` successes adds one back, up to the configured maximum;
-3. wait for the request rate: aiolimiter with a small bucket. ``AsyncLimiter(rate, 1)``
-   would let a whole bucket through at once and burst again whenever the client falls
-   behind (measured: 155-204 requests in one second against a cap of 100). Any 1-second
-   window holds at most capacity + leak rate requests, so the bucket holds 3% of the rate
-   (at least one request) and leaks at 97%: the two add up to the cap. A bucket of exactly
-   one request would lose every late wake-up of the event loop (measured: 91 req/s against
-   a cap of 100); a few requests of slack absorb them (measured: 97);
-4. wait for the token budget: an estimate (prompt characters / 4 + max_tokens) is taken
-   before the call and corrected from the response's usage after it.
+1. take a concurrency slot of the run: adaptive, AIMD as in NVIDIA Data Designer: a 429
+   halves the limit, each run of ``limit`` successes adds one back;
+2. wait while a pause is in force (Retry-After, capped at ``max_retry_after``);
+3. reserve a send time from the request window (:class:`RateWindow`): no window of one
+   second, starting anywhere, holds more than the cap, from the first request on;
+4. take the token budgets (total, input, output tokens per minute): estimated before the
+   call, corrected from the response's usage after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+import math
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from aiolimiter import AsyncLimiter
+log = logging.getLogger("datagen.llm")
 
-RATE_MARGIN = 0.97
+# Grants are spaced so that any cap+1 consecutive ones span the window plus this margin:
+# the time between our grant and the request reaching the server varies by a few
+# milliseconds (event-loop wake-ups, the transport's own CPU before it sends), and the
+# margin absorbs that variation so the server never sees cap+1 in one second.
+# The bound is enforced on the moment a request is handed to the transport; the margin
+# covers the time from there to the server (measured: 0.5-4 ms on the fast path, a few
+# milliseconds of litellm's own CPU on its path). It costs cap x margin of the rate.
+SEND_JITTER_MARGIN_S = {"fast": 0.03, "slow": 0.04}
 
 
-def request_limiter(rate: float, slack: bool = True) -> AsyncLimiter:
-    """A limiter that never lets more than ``rate`` requests into any 1-second window.
+@dataclass(frozen=True)
+class RateSpec:
+    """What the config asks of one endpoint."""
 
-    ``slack=False`` keeps a bucket of one request: for transports that spend milliseconds
-    of CPU between our grant and their send (litellm: ~4 ms), where a few requests of
-    slack let sends bunch at the server (measured: 114 in one second against a cap of 100).
+    requests_per_second: float | None = None
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    input_tokens_per_minute: float | None = None
+    output_tokens_per_minute: float | None = None
+    max_retry_after: float = 60.0
+    margin: float = SEND_JITTER_MARGIN_S["fast"]
+
+
+class RateWindow:
+    """At most ``count`` grants in any ``window`` seconds, spaced at least ``spacing``.
+
+    Written by hand because a token bucket (aiolimiter's ``AsyncLimiter``) cannot give
+    this guarantee at small rates: a bucket of capacity c leaking at r lets c + r requests
+    into one second, so either c is 0 (impossible) or the cap is exceeded, or r is cut far
+    below the cap (measured with aiolimiter: 6 in one second at a cap of 5, 201-202 at
+    200). A sliding log of the last ``count`` grant times gives the exact bound. A grant
+    is a *reservation* of a moment: thread-safe and loop-free, so every event loop of the
+    process shares it.
     """
-    capacity = max(1, int(rate * (1 - RATE_MARGIN))) if slack else 1
-    leak = rate * RATE_MARGIN
-    return AsyncLimiter(capacity, capacity / leak)
+
+    def __init__(self, count: int, window: float, spacing: float, margin: float) -> None:
+        self.count, self.window, self.spacing, self.margin = count, window, spacing, margin
+        self._grants: deque[float] = deque(maxlen=count)  # reserved moments
+        self._sent: deque[float] = deque(maxlen=count)  # moments requests really went
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_rate(cls, per_second: float, margin: float) -> RateWindow:
+        """The window for a cap of ``per_second``: at most floor(rate) requests in any one
+        second (a fractional rate below 1: one request per 1/rate seconds)."""
+        if per_second >= 1:
+            count, window = math.floor(per_second), 1.0
+        else:
+            count, window = 1, 1.0 / per_second
+        # evenly paced at 90% of the window's share, so there is no burst at the start
+        return cls(count, window, 0.9 * window / count, margin)
+
+    def reserve(self, now: float) -> float:
+        """The moment the next request may be sent (>= now), reserved for the caller."""
+        with self._lock:
+            at = now
+            if self._grants:
+                at = max(at, self._grants[-1] + self.spacing)
+            if len(self._grants) == self.count:
+                at = max(at, self._grants[0] + self.window + self.margin)
+            self._grants.append(at)
+            return at
+
+    def settle(self, now: float) -> float:
+        """After the wait for a reservation: 0 to send now (recorded), or how much longer
+        to wait. The bound is checked again on the moments requests really go: a waiter
+        the event loop woke late (tens of milliseconds on a loaded machine) must not send
+        together with the next ones, whose time has come too. Reservations spread the
+        waiters out; this makes the bound exact."""
+        with self._lock:
+            wait = 0.0
+            if self._sent:
+                wait = self._sent[-1] + 0.7 * self.spacing - now
+            if len(self._sent) == self.count:
+                wait = max(wait, self._sent[0] + self.window + self.margin - now)
+            if wait > 0:
+                return wait
+            self._sent.append(now)
+            return 0.0
+
+    def adopt(self, other: RateWindow) -> None:
+        """Keep the grants of the window this one replaces (a changed config), so the
+        bound holds across the change."""
+        with self._lock:
+            for stamp in list(other._grants)[-self.count:]:
+                self._grants.append(stamp)
+            for stamp in list(other._sent)[-self.count:]:
+                self._sent.append(stamp)
 
 
-class TokenBucket:
-    """A token bucket that can be charged or refunded after the fact.
+class TokenBudget:
+    """Tokens per minute, taken before a call and corrected after it.
 
-    Written by hand because aiolimiter cannot give back budget: the token estimate made
-    before a call is corrected with the real usage after it. Waiters are served in order.
+    Written by hand because aiolimiter cannot give budget back: the estimate made before a
+    call is corrected with the real usage after it. The level may go below zero (a debt):
+    the caller waits until it is paid back. Thread-safe and loop-free, like RateWindow.
     """
 
-    def __init__(self, per_second: float, capacity: float) -> None:
-        self.rate = per_second
-        self.capacity = capacity
-        self.level = capacity
+    def __init__(self, per_minute: float) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = per_minute / 60.0  # one second's worth: no minute-sized burst
+        self.level = self.capacity
         self._stamp = time.monotonic()
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()
 
-    def _refill(self) -> None:
-        now = time.monotonic()
+    def _refill(self, now: float) -> None:
         self.level = min(self.capacity, self.level + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    async def take(self, amount: float) -> None:
-        amount = min(amount, self.capacity)
-        async with self._lock:
-            self._refill()
-            while self.level < amount:
-                await asyncio.sleep((amount - self.level) / self.rate)
-                self._refill()
-            self.level -= amount
+    def take(self, amount: float) -> float:
+        """Take ``amount``; return how long to wait before sending."""
+        with self._lock:
+            now = time.monotonic()
+            self._refill(now)
+            # a request larger than the capacity is let through at a full bucket; it then
+            # holds the next ones back until the budget has caught up
+            self.level -= min(amount, self.capacity)
+            return max(0.0, -self.level / self.rate)
 
     def adjust(self, delta: float) -> None:
         """Give back (``delta`` > 0) or charge more (< 0) after the real usage is known."""
-        self._refill()
-        self.level = min(self.capacity, self.level + delta)
+        with self._lock:
+            self._refill(time.monotonic())
+            self.level = min(self.capacity, self.level + delta)
+
+
+@dataclass
+class Estimate:
+    """Tokens a request may use, before it is sent."""
+
+    prompt: int = 0
+    completion: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+class EndpointLimits:
+    """The process-wide budget of one endpoint: request window, token budgets, pause."""
+
+    def __init__(self, name: str, spec: RateSpec) -> None:
+        self.name = name
+        self.spec = spec
+        self.window: RateWindow | None = None
+        self.tokens: dict[str, TokenBudget] = {}
+        self.paused_until = 0.0  # time.monotonic() deadline shared by every worker
+        self.pause_reason = ""
+        self._configure(spec)
+
+    def _configure(self, spec: RateSpec) -> None:
+        rates = [r for r in (spec.requests_per_second,
+                             spec.requests_per_minute / 60 if spec.requests_per_minute
+                             else None) if r]
+        old = self.window
+        self.window = RateWindow.for_rate(min(rates), spec.margin) if rates else None
+        if old is not None and self.window is not None:
+            self.window.adopt(old)
+        self.tokens = {kind: TokenBudget(per_minute) for kind, per_minute in (
+            ("total", spec.tokens_per_minute), ("input", spec.input_tokens_per_minute),
+            ("output", spec.output_tokens_per_minute)) if per_minute}
+        self.spec = spec
+
+    def reconfigure(self, spec: RateSpec) -> None:
+        if spec != self.spec:
+            log.info("rate limits of %s changed: %s", self.name, spec)
+            self._configure(spec)
+
+    @property
+    def counts_tokens(self) -> bool:
+        return bool(self.tokens)
+
+    def pause(self, seconds: float, reason: str) -> float:
+        """Hold every worker for ``seconds`` (capped); returns the pause taken."""
+        cap = self.spec.max_retry_after
+        if seconds > cap:
+            log.warning("%s asked for a pause of %.0f s (%s); waiting %.0f s, the "
+                        "model.max_retry_after cap", self.name, seconds, reason, cap)
+            seconds = cap
+        until = time.monotonic() + seconds
+        if until > self.paused_until:
+            self.paused_until, self.pause_reason = until, reason
+            log.warning("%s: every request waits %.1f s (%s), until %s", self.name, seconds,
+                        reason, time.strftime("%H:%M:%S", time.localtime(time.time()
+                                                                         + seconds)))
+        return seconds
+
+    def paused_for(self) -> float:
+        return max(0.0, self.paused_until - time.monotonic())
+
+    async def wait_turn(self, estimate: Estimate | None = None) -> None:
+        """Wait for the pause, the request window and the token budgets."""
+        while True:
+            while (remaining := self.paused_for()) > 0:
+                await asyncio.sleep(remaining)
+            if self.window is not None:
+                now = time.monotonic()
+                at = self.window.reserve(now)
+                if at > now:
+                    await asyncio.sleep(at - now)
+                while (extra := self.window.settle(time.monotonic())) > 0:
+                    await asyncio.sleep(extra)
+                if self.paused_for() > 0:  # a 429 arrived while we waited: wait again
+                    continue
+            break
+        if estimate is not None and self.tokens:
+            wait = max(self._take(kind, estimate) for kind in self.tokens)
+            if wait > 0:
+                await asyncio.sleep(wait)
+
+    def _take(self, kind: str, estimate: Estimate) -> float:
+        amount = {"total": estimate.total, "input": estimate.prompt,
+                  "output": estimate.completion}[kind]
+        return self.tokens[kind].take(amount)
+
+    def used(self, estimate: Estimate, prompt: int, completion: int) -> None:
+        actual = {"total": prompt + completion, "input": prompt, "output": completion}
+        guess = {"total": estimate.total, "input": estimate.prompt,
+                 "output": estimate.completion}
+        for kind, budget in self.tokens.items():
+            budget.adjust(guess[kind] - (actual[kind] or guess[kind]))
+
+
+_ENDPOINTS: dict[str, EndpointLimits] = {}
+_ENDPOINTS_LOCK = threading.Lock()
+
+
+def endpoint_key(provider: str, base_url: str | None, model: str, api_key: str | None) -> str:
+    """Who the provider counts a limit against: its server, the model and the key (as a
+    hash: the key itself is never kept)."""
+    key_hash = hashlib.sha256((api_key or "").encode()).hexdigest()[:12]
+    return f"{provider}|{base_url or ''}|{model}|{key_hash}"
+
+
+def endpoint_limits(key: str, spec: RateSpec, name: str = "") -> EndpointLimits:
+    """The one EndpointLimits of this process for ``key`` (its spec updated to ``spec``)."""
+    with _ENDPOINTS_LOCK:
+        limits = _ENDPOINTS.get(key)
+        if limits is None:
+            limits = _ENDPOINTS[key] = EndpointLimits(name or key.split("|")[2], spec)
+        else:
+            limits.reconfigure(spec)
+        return limits
 
 
 class AdaptiveConcurrency:
     """At most ``limit`` requests in flight; the limit shrinks on 429 and grows back.
 
     The uncontended path takes no lock (the event loop runs one task at a time, and there
-    is no await between the check and the increment); waiters queue in order.
+    is no await between the check and the increment); waiters queue in order. One per run
+    (its futures belong to the run's event loop).
     """
 
     def __init__(self, maximum: int) -> None:
@@ -131,66 +334,46 @@ class AdaptiveConcurrency:
             self._wake()
 
 
-def _per_second(requests_per_second: float | None, requests_per_minute: float | None
-                ) -> float | None:
-    rates = [r for r in (requests_per_second,
-                         requests_per_minute / 60 if requests_per_minute else None) if r]
-    return min(rates) if rates else None
-
-
 class Throttle:
-    """Every attempt waits its turn here before it is sent."""
+    """One run's view of an endpoint: its own concurrency, the endpoint's shared limits.
+
+    ``Throttle(rate)`` alone (no ``limits``) has limits of its own, for tests and tools.
+    """
 
     def __init__(self, requests_per_second: float | None = None, *,
                  requests_per_minute: float | None = None,
                  tokens_per_minute: float | None = None, concurrency: int | None = None,
-                 slack: bool = True) -> None:
-        self.rate = _per_second(requests_per_second, requests_per_minute)
-        self._limiter = request_limiter(self.rate, slack) if self.rate else None
-        self._tokens = (TokenBucket(tokens_per_minute / 60 * RATE_MARGIN,
-                                    capacity=tokens_per_minute / 60)
-                        if tokens_per_minute else None)
+                 limits: EndpointLimits | None = None) -> None:
+        self.limits = limits or EndpointLimits("endpoint", RateSpec(
+            requests_per_second, requests_per_minute, tokens_per_minute))
         self.concurrency = AdaptiveConcurrency(concurrency) if concurrency else None
-        self._paused_until = 0.0  # time.monotonic() deadline shared by all workers
 
     @property
     def counts_tokens(self) -> bool:
-        """Whether a tokens-per-minute budget is enforced (else no estimate is needed)."""
-        return self._tokens is not None
+        """Whether a token budget is enforced (else no estimate is needed)."""
+        return self.limits.counts_tokens
 
-    def pause(self, seconds: float) -> None:
-        """Hold every worker for ``seconds`` (a provider's Retry-After)."""
-        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+    def pause(self, seconds: float, reason: str = "Retry-After") -> float:
+        """Hold every worker of the endpoint for ``seconds`` (capped); the pause taken."""
+        return self.limits.pause(seconds, reason)
 
     def rate_limited(self) -> None:
         if self.concurrency is not None:
             self.concurrency.rate_limited()
 
-    async def _wait_pause(self) -> None:
-        while (remaining := self._paused_until - time.monotonic()) > 0:
-            await asyncio.sleep(remaining)
+    async def wait_turn(self, estimate: Estimate | None = None) -> None:
+        await self.limits.wait_turn(estimate)
 
-    async def wait_turn(self, tokens: int = 0) -> None:
-        """Wait for the pause, the request rate and the token budget (no slot taken)."""
-        await self._wait_pause()
-        if self._limiter is not None:
-            await self._limiter.acquire()
-        if self._tokens is not None and tokens:
-            # a request larger than a second's budget is let through when the bucket is
-            # full; it then holds the next ones back until the budget has caught up
-            await self._tokens.take(tokens)
-
-    def used_tokens(self, estimated: int, actual: int) -> None:
-        if self._tokens is not None and estimated:
-            self._tokens.adjust(estimated - actual)
+    def used_tokens(self, estimate: Estimate, prompt: int, completion: int) -> None:
+        self.limits.used(estimate, prompt, completion)
 
     @asynccontextmanager
-    async def slot(self, tokens: int = 0) -> AsyncIterator[None]:
+    async def slot(self, estimate: Estimate | None = None) -> AsyncIterator[None]:
         """Hold a concurrency slot for one attempt, after waiting for the limits."""
         if self.concurrency is not None:
             await self.concurrency.acquire()
         try:
-            await self.wait_turn(tokens)
+            await self.wait_turn(estimate)
             yield
         finally:
             if self.concurrency is not None:

@@ -1,23 +1,83 @@
-"""What goes to a transport and what comes back, independent of the provider."""
+"""What goes to a transport and what comes back, independent of the provider.
+
+A :class:`ChatRequest` is the canonical request: everything that is sent, and so
+everything that shapes the answer. Its identity (:func:`request_identity`), which keys
+the response cache, is computed from *every* field of the dataclass except the ones
+marked ``identity=False`` in their metadata (the credential and the client-side timeout):
+a field added to the request is part of the identity without anyone remembering to add
+it. Headers count too, but only those that are not credentials.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
+
+Message = dict[str, Any]
+# header names whose values are credentials: never part of the identity, never written
+CREDENTIAL_HEADER = re.compile(r"(auth|key|token|secret|cookie|signature|password|session)",
+                               re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class ChatRequest:
     """One request: chat ``messages``, or a plain ``prompt`` for a text-completion
-    endpoint (base models) when ``prompt`` is set."""
+    endpoint (base models) when ``prompt`` is set.
+
+    ``provider`` and ``base_url`` are the endpoint (the same model name on two servers is
+    two different requests); ``params`` holds every sampling parameter, the output
+    constraint (grammar, response format) and extra body fields, exactly as sent.
+    """
 
     model: str
-    messages: list[dict[str, str]]
-    params: dict[str, Any] = field(default_factory=dict)
-    api_key: str | None = field(default=None, repr=False)
+    messages: list[Message]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    provider: str = ""
     base_url: str | None = None
-    timeout: float = 120.0
     prompt: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    api_key: str | None = field(default=None, repr=False, metadata={"identity": False})
+    timeout: float = field(default=120.0, metadata={"identity": False})
+
+    @property
+    def mode(self) -> str:
+        return "chat" if self.prompt is None else "completion"
+
+    @property
+    def prefill(self) -> str | None:
+        """The assistant's opening words when the chat ends with the assistant's turn."""
+        if self.prompt is None and self.messages and \
+                self.messages[-1].get("role") == "assistant":
+            return str(self.messages[-1].get("content") or "")
+        return None
+
+
+def identity_fields() -> list[str]:
+    """The names of the fields that make up a request's identity."""
+    return [f.name for f in dataclasses.fields(ChatRequest) if f.metadata.get("identity", True)]
+
+
+def _identity_value(name: str, value: Any) -> Any:
+    if name == "headers":
+        return {k.lower(): v for k, v in value.items() if not CREDENTIAL_HEADER.search(k)}
+    return value
+
+
+def request_identity(request: ChatRequest, salt: str = "") -> str:
+    """A hash of the canonical request as sent, minus credentials, plus ``salt``."""
+    canonical = {name: _identity_value(name, getattr(request, name))
+                 for name in identity_fields()}
+    canonical["mode"] = request.mode
+    canonical["salt"] = salt
+    payload = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
+                           default=repr)
+    return hashlib.sha256(payload).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""A fake model in process: ``provider: fake`` (model strings ``fake/<anything>``).
+"""A fake model in process: ``provider: fake`` (model strings ``fake/<anything>``),
+served through the library's in-process handler transport (registered when this module is
+imported: ``import datagen.testing``, or the pytest plugin, does it).
 
 For unit tests of prompts, ``parse_response`` and extractors with no HTTP at all. Replies
 come from the process-wide :data:`fake_llm`: a script of texts, or a rule (a function of
@@ -21,6 +23,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from datagen.llm.handler import HandlerTransport
+from datagen.llm.providers import register_provider
+from datagen.llm.types import ChatRequest
 
 Messages = list[dict[str, Any]]
 
@@ -77,24 +83,15 @@ class FakeLLM:
 fake_llm = FakeLLM()
 
 
-def make_provider() -> Any:
-    """The litellm CustomLLM serving ``fake/<name>`` from :data:`fake_llm`."""
-    from litellm.llms.custom_llm import CustomLLM
-    from litellm.types.utils import Usage
+def _handler(request: ChatRequest) -> str:
+    messages = request.messages if request.prompt is None else [
+        {"role": "user", "content": request.prompt}]
+    return fake_llm.reply(request.model.split("/", 1)[-1], messages, dict(request.params))
 
-    class FakeProvider(CustomLLM):
-        async def acompletion(self, model: str, messages: Messages, *args: Any,
-                              **kwargs: Any) -> Any:
-            model_response = kwargs["model_response"]
-            params = dict(kwargs.get("optional_params") or {})
-            text = fake_llm.reply(model, messages, params)
-            model_response.choices[0].message.content = text
-            model_response.choices[0].finish_reason = "stop"
-            prompt = sum(len(str(m.get("content", "")).split()) for m in messages)
-            completion = len(text.split())
-            model_response.usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
-                                         total_tokens=prompt + completion)
-            model_response.model = f"fake/{model}"
-            return model_response
 
-    return FakeProvider()
+def make_transport(m: Any, concurrency: int) -> HandlerTransport:
+    """``provider: fake``: the in-process handler transport answering from fake_llm."""
+    return HandlerTransport(_handler, name="fake")
+
+
+register_provider("fake", make_transport, prices=(0.0, 0.0))

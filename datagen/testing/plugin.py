@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+import datagen.testing.fake_model  # noqa: F401 - registers `provider: fake`
+
 
 @pytest.fixture
 def datagen_cassette(request: pytest.FixtureRequest) -> Iterator[Any]:

@@ -32,19 +32,19 @@ def lines(path: Path) -> list[dict[str, Any]]:
 
 
 def test_factual_qa(datagen_cassette: Any, tmp_path: Path) -> None:
-    example, pipeline, results = run(tmp_path)
-    failures = lines(pipeline.last_run_files.failures)
+    example, _, results = run(tmp_path)
+    failures = lines(results.files.failures)
     assert results, failures
     for record in results:  # only judged answers reach the results
         assert record["steps"]["judge"]["output"] == "PASS"
         assert record["key"].count("/") == 1  # a child of the questions fan-out
     for failure in failures:
         assert failure["step"] in ("questions", "answer", "judge")
-    exported = lines(example.export(pipeline.last_run_files.results))
+    exported = lines(example.export(results.files.results))
     assert len(exported) == len(results)
     assert {e["conversations"][0]["value"] for e in exported} == {
         r["steps"]["questions"]["output"] for r in results}
     datasets = pytest.importorskip("datasets")
-    out = example.export(pipeline.last_run_files.results)
+    out = example.export(results.files.results)
     assert datasets.load_dataset("json", data_files=str(out), split="train").num_rows == len(
         results)

@@ -31,11 +31,11 @@ def lines(path: Path) -> list[dict[str, Any]]:
 
 
 def test_poems(datagen_cassette: Any, tmp_path: Path) -> None:
-    example, pipeline, results = run(tmp_path)
+    example, _, results = run(tmp_path)
     n_chunks = len(list(example.data_pool()))
     assert n_chunks >= 2 and len(results) == n_chunks
     assert all(r["output"].strip() and r["item"]["source"] for r in results)
-    exported = lines(example.export(pipeline.last_run_files.results))
+    exported = lines(example.export(results.files.results))
     assert len(exported) == n_chunks
     # the file (and so the export) is in the order items finished, run() in input order
     assert sorted(e["conversations"][-1]["value"] for e in exported) == sorted(

@@ -31,9 +31,9 @@ def lines(path: Path) -> list[dict[str, Any]]:
 
 
 def test_style_clone(datagen_cassette: Any, tmp_path: Path) -> None:
-    example, pipeline, results = run(tmp_path)
+    example, _, results = run(tmp_path)
     assert results and all(set(r["steps"]) == {"repair", "generic"} for r in results)
-    exported = lines(example.export(pipeline.last_run_files.results))
+    exported = lines(example.export(results.files.results))
     assert len(exported) == len(results)
     pairs = {(e["conversations"][0]["value"], e["conversations"][1]["value"]) for e in exported}
     assert pairs == {(r["steps"]["generic"]["output"], r["steps"]["repair"]["output"])

@@ -22,7 +22,5 @@ def test_pipeline(datagen_cassette: Any, tmp_path: Path) -> None:
                          max_retries=0, output_dir=str(tmp_path), progress=False)
     results = folder.pipeline.run_sync(folder.data_pool())
     assert results and all(r["output"].strip() for r in results)
-    files = folder.pipeline.last_run_files
-    assert files is not None
-    exported = folder.export(files.results)
+    exported = folder.export(results.files.results)
     assert exported is not None and len(exported.read_text().splitlines()) == len(results)

@@ -20,182 +20,18 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import ValidationError
 
+from datagen.config.schema import FREEFORM_SECTIONS, SECTIONS, ModelConfig, Settings
 from datagen.errors import ConfigError
 
 PLACEHOLDER = "!!PLACEHOLDER!!"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Section):
-    """Which model to call and how. Sampling fields left unset are not sent."""
-
-    provider: str = "openai"
-    model: str = "gpt-4o-mini"
-    api_key: SecretStr | None = None
-    base_url: str | None = None
-    rate_limit: float | None = Field(default=None, gt=0, description="requests per second")
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
-    # auto: the fast aiohttp path for OpenAI-compatible endpoints, litellm for the rest
-    transport: Literal["auto", "litellm", "openai"] = "auto"
-    max_retries: int = Field(default=3, ge=0)
-    timeout: float = Field(default=120.0, gt=0, description="seconds per request")
-    # Sampling parameters litellm accepts (and maps per provider).
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    reasoning_effort: str | None = None
-    response_format: dict[str, Any] | None = None
-    # Prices in dollars per million tokens; default: litellm's local price map.
-    input_cost_per_million: float | None = Field(default=None, ge=0)
-    output_cost_per_million: float | None = Field(default=None, ge=0)
-    # Anything else the provider takes, passed to litellm as it is.
-    extra_params: dict[str, Any] = Field(default_factory=dict)
-    # Send the extractor's output constraint (GBNF grammar / JSON format) with each request.
-    # None: only to the local model (provider: local), embedded or served by llama.cpp
-    # (as `grammar` in the body); True: always; False: never.
-    constrain_output: bool | None = None
-
-    @field_validator("api_key", "base_url", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        # "${OPENAI_API_KEY:-}" resolves to "": that means "not set here", not "the empty key"
-        return None if isinstance(value, str) and not value.strip() else value
-
-    def is_embedded(self) -> bool:
-        """True for the in-process local model (provider ``local`` and no base_url)."""
-        return self.provider == "local" and not self.base_url
-
-    def effective_provider(self) -> str:
-        return "openai" if self.provider == "local" and self.base_url else self.provider
-
-    def model_string(self) -> str:
-        """The litellm model name: ``provider/model`` unless the model already has it.
-
-        ``provider: local`` with a ``base_url`` means a model served locally over the
-        OpenAI API (llama.cpp, vLLM, Ollama's /v1): it goes to that server.
-        """
-        model = self.model.removeprefix(f"{self.provider}/")
-        return f"{self.effective_provider()}/{model}"
-
-
-SAMPLING_FIELDS: tuple[str, ...] = (
-    "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "stop",
-    "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-    "logprobs", "top_logprobs", "reasoning_effort", "response_format",
-)  # fmt: skip
-
-
-class PromptsConfig(_Section):
-    system_prompt_path: str | None = None
-    user_prompt_path: str | None = None
-    # Folders searched for a step's prompt files, after the pipeline's own prompts/
-    # (relative to the config file's folder).
-    dirs: list[str] = Field(default_factory=list)
-
-
-class OutputConfig(_Section):
-    output_dir: str = "output"
-    experiment_name: str = Field(default="experiment", min_length=1)
-    need_time_stamp: bool = True
-    fsync_interval: float = Field(default=1.0, ge=0, description="seconds between fsyncs")
-
-
-class RunConfig(_Section):
-    concurrency_limit: int = Field(default=5, ge=1)
-    progress: bool = True
-    # True: continue the newest run of this experiment; "force": even if what shapes the
-    # output (templates, model, sampling, extractor) changed since.
-    resume: bool | Literal["force"] = False
-    cache: bool = True
-    cache_path: str | None = None  # default: output_dir/.datagen_cache.sqlite
-    cache_salt: str = ""  # change it to get fresh samples for the same requests
-    shutdown_timeout: float = Field(default=30.0, ge=0, description="Ctrl+C grace, seconds")
-    debug: bool = False  # write every call's input and output to <run>_debug/
-    # write every accepted call as an OpenAI-format training example to <run>_meta.jsonl
-    meta_datagen: bool = False
-
-
-class Settings(BaseModel):
-    """The whole, validated configuration of a pipeline."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    # Named models a step can pick (step(model="large")); each inherits `model`'s settings,
-    # except connection settings (api_key, base_url) when it names its own provider.
-    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
-    output_data: OutputConfig = Field(default_factory=OutputConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
-    params: dict[str, Any] = Field(
-        default_factory=dict, description="the pipeline's own keys, free-form"
-    )
-    config_path: Path | None = Field(default=None, exclude=True)
-
-    def sampling_params(self) -> dict[str, Any]:
-        """Sampling parameters that are set, plus extra_params, as litellm keywords."""
-        out = {name: getattr(self.model, name) for name in SAMPLING_FIELDS}
-        out = {k: v for k, v in out.items() if v is not None}
-        out.update(self.model.extra_params)
-        return out
-
-    def named_model(self, name: str | None) -> ModelConfig:
-        """The model a step asked for: the main one for None, else models[name]."""
-        if name is None:
-            return self.model
-        if name not in self.models:
-            known = ", ".join(sorted(self.models)) or "none defined"
-            raise ConfigError(f"no model named {name!r} in the models: section of the config "
-                              f"(defined: {known})")
-        own = self.models[name]
-        base = self.model.model_dump(exclude_unset=False)
-        if "provider" in own:
-            for key in ("api_key", "base_url"):
-                base.pop(key, None)
-        try:
-            return ModelConfig.model_validate({**base, **own})
-        except ValidationError as exc:
-            raise ConfigError(_format_validation_error(exc, f"models.{name}")) from None
-
-    def public_dict(self) -> dict[str, Any]:
-        """The configuration with secrets removed, for the manifest."""
-        data = self.model_dump(mode="json")
-        if data["model"].get("api_key") is not None:
-            data["model"]["api_key"] = "<redacted>"
-        for model in data.get("models", {}).values():
-            if isinstance(model, dict) and model.get("api_key"):
-                model["api_key"] = "<redacted>"
-        return data
-
-
-SECTIONS: dict[str, type[BaseModel]] = {
-    "model": ModelConfig,
-    "prompts": PromptsConfig,
-    "output_data": OutputConfig,
-    "run": RunConfig,
-}
-FREEFORM_SECTIONS = ("params", "models")
 # flat keyword -> its section; field names are unique across sections by design
 _FLAT: dict[str, str] = {
     field: section for section, cls in SECTIONS.items() for field in cls.model_fields
@@ -220,7 +56,29 @@ def _unknown_key_message(key: str, where: str, choices: list[str]) -> str:
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that reads an unquoted ``!!PLACEHOLDER!!`` (a YAML tag to the parser)
-    as the placeholder string, so the placeholder check can name the field."""
+    as the placeholder string, so the placeholder check can name the field, and that
+    refuses a key written twice in one mapping (plain YAML keeps the last one silently:
+    a second ``model:`` section would drop the first one's base_url and api_key)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first != line:
+                raise DuplicateKeyError(key, first, line)
+        return super().construct_mapping(node, deep)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(f"key {key!r} appears twice: at line {first} and again at line "
+                         f"{again}; YAML would silently keep only the second. Merge them "
+                         "into one")
 
 
 _Loader.add_constructor("tag:yaml.org,2002:PLACEHOLDER!!", lambda loader, node: PLACEHOLDER)
@@ -228,6 +86,10 @@ _Loader.add_constructor("tag:yaml.org,2002:PLACEHOLDER!!", lambda loader, node: 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a config file into a dict; a syntax error names the file and line."""
+    if path.is_dir():
+        raise ConfigError(
+            f"config {path} is a folder, not a file: pass the config.yaml inside it "
+            f"(config='{path / 'config.yaml'}'), or give the folder to `datagen run`")
     if not path.is_file():
         raise ConfigError(
             f"config file not found: {path}. Create it (see the config.yaml at the top of the "
@@ -236,6 +98,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -496,6 +360,29 @@ def load_settings(
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+    for name in settings.models:  # every named model is checked now, not when first used
+        named_model(settings, name)
     settings.config_path = path
     _resolve_prompt_paths(settings, path.parent if path else Path.cwd(), touched)
     return settings
+
+
+def named_model(settings: Settings, name: str | None) -> ModelConfig:
+    """The model a step asked for: the main one for None, else ``models[name]``, which
+    inherits the main model's settings (but not its connection settings, api_key and
+    base_url, when it names a provider of its own)."""
+    if name is None:
+        return settings.model
+    if name not in settings.models:
+        known = ", ".join(sorted(settings.models)) or "none defined"
+        raise ConfigError(f"no model named {name!r} in the models: section of the config "
+                          f"(defined: {known})")
+    own = settings.models[name]
+    base = settings.model.model_dump(exclude_unset=False)
+    if "provider" in own:
+        for key in ("api_key", "base_url", "headers"):
+            base.pop(key, None)
+    try:
+        return ModelConfig.model_validate({**base, **own})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, f"models.{name}")) from None

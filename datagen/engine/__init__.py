@@ -1,0 +1,115 @@
+"""The engine: runs a prepared :class:`~datagen.engine.job.Job` to the disk.
+
+Three parts, one job each:
+
+- ``workers``: the worker pool (a fixed number of workers pulling items) and signals;
+- ``runner``: one item through the steps (render, call, extract, validate, retry, fan
+  out, sample, drop);
+- ``recorder``: the run's files, counts and manifest.
+
+:func:`execute` ties them together and returns the :class:`~datagen.result.RunResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+from datagen import redact
+from datagen.engine.job import Job, RunOptions
+from datagen.engine.recorder import RunRecorder
+from datagen.engine.runner import ItemRunner
+from datagen.engine.workers import WorkerPool
+from datagen.errors import DatagenError
+from datagen.result import RunResult
+
+log = logging.getLogger("datagen.engine")
+__all__ = ["Job", "RunInterrupted", "RunOptions", "execute"]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl+C or SIGTERM: raised after the in-flight items are written (or cancelled) and
+    the manifest says ``interrupted``; ``result`` holds what was done. Uncaught, Python
+    exits with status 130."""
+
+    def __init__(self, message: str, result: RunResult, signal_number: int | None) -> None:
+        super().__init__(message)
+        self.result = result
+        self.signal = signal_number
+
+    @property
+    def exit_code(self) -> int:
+        return 143 if self.signal == signal.SIGTERM else 130
+
+
+def run_salt(job: Job) -> str:
+    """The cache salt of a job's requests. With the shared cache on: the config's salt.
+    With it off, answers are still kept for this run's own resume (never paid twice), so
+    the salt names the run: no other run reuses them."""
+    salt = job.options.cache_salt
+    return salt if job.manifest_base.get("cache_shared", True) else f"{salt}|run:{job.files.stem}"
+
+
+async def execute(job: Job) -> RunResult:
+    recorder = RunRecorder(job)
+    runner = ItemRunner(job, recorder, run_salt(job))
+
+    def skipped() -> None:
+        recorder.counts.skipped += 1
+
+    pool = WorkerPool(job.source, runner.run, job.options.concurrency, job.done,
+                      job.options.shutdown_timeout, skipped)
+    recorder.write_manifest("running", None)
+    job.display.start(job.total)
+    failure: DatagenError | None = None
+    try:
+        await pool.run()
+    except DatagenError as exc:
+        failure = exc
+    except BaseException as exc:  # cancellation, or a bug: the files stay valid
+        _finish(job, recorder, "interrupted", _error_of(exc))
+        raise
+    status = "failed" if failure else "interrupted" if pool.interrupts else "completed"
+    manifest, closing = _finish(job, recorder, status,
+                                _error_of(failure) if failure else None)
+    failure = failure or closing
+    result = RunResult(recorder.ordered_results(), job.files, manifest)
+    if failure is not None:
+        failure.result = result  # type: ignore[attr-defined]
+        raise failure
+    if pool.interrupts:
+        raise RunInterrupted(
+            f"interrupted: {recorder.counts.succeeded} records written to "
+            f"{job.files.results}; resume=True continues the run", result, pool.signal)
+    return result
+
+
+def _error_of(exc: BaseException) -> dict[str, str]:
+    error = {"kind": str(getattr(exc, "kind", type(exc).__name__)),
+             "message": redact.redact(str(exc))}
+    if isinstance(exc, DatagenError):
+        log.error("run stopped: %s", error["message"])
+    return error
+
+
+def _finish(job: Job, recorder: RunRecorder, status: str, error: dict[str, str] | None
+            ) -> tuple[dict[str, Any], DatagenError | None]:
+    """Close the files and write the final manifest; returns it, and the write error
+    closing raised when nothing else had stopped the run."""
+    closing: DatagenError | None = None
+    try:
+        recorder.close()
+    except DatagenError as exc:
+        log.error("%s", exc)
+        if error is None:
+            closing, status, error = exc, "failed", _error_of(exc)
+    recorder.show_counters(force=True)
+    job.display.close(recorder.counts.succeeded, recorder.counts.failed, recorder.summary())
+    try:
+        manifest = recorder.write_manifest(status, error)
+    except DatagenError as exc:
+        log.error("the manifest could not be written: %s", exc)
+        manifest = recorder.manifest(status, error)
+    log.info("run %s: %s", status, recorder.summary())
+    return manifest, closing

@@ -1,0 +1,55 @@
+"""A job: everything the engine needs to run one pool (or one shard of a pool) to the
+disk, prepared and checked before anything is sent (see ``datagen.prepare``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from datagen.llm.cache import ResponseCache
+from datagen.llm.caller import Caller
+from datagen.plan import Plan, StepRuntime
+from datagen.pool import ItemSource
+from datagen.progress import Display
+from datagen.seen import KeyIndex
+from datagen.steps import CallEvent
+from datagen.store import RunFiles, RunLock
+
+
+@dataclass
+class RunOptions:
+    """How one run behaves (from ``run()``'s keywords and the config's run section)."""
+
+    concurrency: int = 5
+    collect: bool = True
+    on_record: Callable[[dict[str, Any]], Any] | None = None  # sync or async
+    progress_callback: Callable[[str, float, str], Any] | None = None
+    observers: dict[str, list[Callable[[CallEvent], Any]]] = field(default_factory=dict)
+    debug: bool = False
+    meta_datagen: bool = False
+    shutdown_timeout: float = 30.0
+    user_code_timeout: float | None = 60.0
+    fsync_interval: float = 1.0
+    cache_salt: str = ""
+
+
+@dataclass
+class Job:
+    plan: Plan
+    steps: list[StepRuntime]
+    source: ItemSource
+    total: int | None  # items the source will hand out, when known
+    files: RunFiles
+    lock: RunLock
+    done: KeyIndex  # keys already finished (resume)
+    options: RunOptions
+    display: Display
+    manifest_base: dict[str, Any]
+    callers: list[Caller]
+    cache: ResponseCache | None = None
+    resumed: int = 0  # records already in the files when the run started
+
+    @property
+    def step_names(self) -> list[str]:
+        return [step.name for step in self.steps]

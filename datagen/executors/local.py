@@ -1,0 +1,38 @@
+"""The local executor: the engine in this process, with the run's log file around it and
+every resource of the job released at the end (the transports' connections, the cache,
+the run lock)."""
+
+from __future__ import annotations
+
+import logging
+
+from datagen.engine import execute
+from datagen.engine.job import Job
+from datagen.result import RunResult
+from datagen.runlog import RunLog
+
+log = logging.getLogger("datagen.pipeline")
+
+
+async def run_local(job: Job) -> RunResult:
+    try:
+        with RunLog(job.files.log):
+            log.info("run started: model %s, %s items, concurrency %d, output %s%s",
+                     job.manifest_base.get("model"),
+                     job.total if job.total is not None else "unknown",
+                     job.options.concurrency, job.files.results,
+                     f" (resuming: {len(job.done)} done)" if len(job.done) else "")
+            return await execute(job)
+    finally:
+        await close_job(job)
+
+
+async def close_job(job: Job) -> None:
+    for caller in job.callers:
+        try:
+            await caller.transport.aclose()
+        except Exception:  # closing a connection must not hide the run's own outcome
+            log.debug("closing a transport failed", exc_info=True)
+    if job.cache is not None:
+        job.cache.close()
+    job.lock.release()
