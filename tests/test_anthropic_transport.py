@@ -431,6 +431,7 @@ async def test_anthropic_unreadable_bodies_are_malformed_responses(
     err = await failure(send(anthropic))
     assert err.kind == "malformed_response" and err.retryable, err.message
     assert err.message.startswith("malformed response: ")
+    assert err.rate_limits is not None  # the headers were readable all the same
 
 
 OPENAI_MALFORMED = {

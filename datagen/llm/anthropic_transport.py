@@ -9,7 +9,9 @@ OpenAI shape becomes a ``POST /v1/messages``:
 - consecutive messages of one role are merged into one turn of text blocks (the API
   wants user and assistant to alternate);
 - a last message from the assistant is a prefill: sent last with its trailing whitespace
-  removed (the API rejects it otherwise); the answer is the continuation only;
+  removed (the API rejects it otherwise; nothing left of it: not sent); the answer is the
+  continuation only, for the caller to put after its prefill (the whitespace removed is
+  not given back: the continuation usually starts with its own);
 - ``max_tokens`` (or ``max_completion_tokens``) is required by the API: absent, it is
   :data:`DEFAULT_MAX_TOKENS`; ``stop`` becomes ``stop_sequences``; ``user`` becomes
   ``metadata.user_id``; ``params["extra_body"]`` is merged into the body last.
@@ -340,7 +342,11 @@ class AnthropicTransport:
         rate_limits = from_anthropic_headers(response_headers)
         if status != 200:
             raise classify(status, raw, response_headers, rate_limits)
-        return parse_message(raw, time.perf_counter() - started, rate_limits)
+        try:
+            return parse_message(raw, time.perf_counter() - started, rate_limits)
+        except CallError as err:  # an unreadable 200 still said what the limits are
+            err.rate_limits = err.rate_limits or rate_limits
+            raise
 
     async def aclose(self) -> None:
         if self._session is not None and not self._session.closed:

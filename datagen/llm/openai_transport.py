@@ -188,7 +188,11 @@ class OpenAITransport:
         rate_limits = from_openai_headers(headers)
         if status != 200:
             raise _classify(status, raw, headers, rate_limits)
-        return parse_completion(raw, time.perf_counter() - started, rate_limits)
+        try:
+            return parse_completion(raw, time.perf_counter() - started, rate_limits)
+        except CallError as err:  # an unreadable 200 still said what the limits are
+            err.rate_limits = err.rate_limits or rate_limits
+            raise
 
     async def aclose(self) -> None:
         if self._session is not None and not self._session.closed:
