@@ -11,15 +11,16 @@ is one HTTP request.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from typing import Any
 
 import orjson
 
-from datagen.llm.errors import CallError, kind_for_status, parse_retry_after
-from datagen.llm.types import ChatRequest, Completion, Usage
+from datagen.llm.errors import CallError, kind_for_error_type, kind_for_status, parse_retry_after
+from datagen.llm.ratelimits import from_openai_headers
+from datagen.llm.types import ChatRequest, Completion, RateLimitInfo, Usage
+from datagen.llm.wire import field_of, load_object, malformed, post, preview, token_count
 from datagen.redact import redact
 
 # litellm provider -> (OpenAI-compatible base URL, environment variable with its key)
@@ -43,48 +44,101 @@ def _error_detail(raw: bytes) -> tuple[str, str | None]:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return raw[:500].decode("utf-8", "replace") or "(empty body)", None
-    error = body.get("error", body) if isinstance(body, dict) else body
+    return _error_fields(body.get("error", body) if isinstance(body, dict) else body)
+
+
+def _error_fields(error: Any) -> tuple[str, str | None]:
     if isinstance(error, dict):
         code = error.get("code") or error.get("type")
         return str(error.get("message") or error), (str(code) if code is not None else None)
     return str(error), None
 
 
-def _classify(status: int, raw: bytes, headers: Any) -> CallError:
-    message, code = _error_detail(raw)
-    kind = kind_for_status(status)
+def _refine(kind: str, message: str, code: str | None) -> str:
     lowered = f"{code or ''} {message}".lower()
     if kind == "bad_request" and ("context_length" in lowered or "maximum context" in lowered
                                   or "too many tokens" in lowered):
-        kind = "context_window"
-    elif kind == "bad_request" and "content_filter" in lowered:
-        kind = "content_filter"
-    return CallError(kind, redact(f"{status}: {message}"), status, parse_retry_after(headers))
+        return "context_window"
+    if kind == "bad_request" and "content_filter" in lowered:
+        return "content_filter"
+    return kind
 
 
-def parse_completion(raw: bytes, latency: float) -> Completion:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise CallError("server_error", f"the response is not valid JSON: {exc}") from None
-    choices = body.get("choices") if isinstance(body, dict) else None
+def _classify(status: int, raw: bytes, headers: Any,
+              rate_limits: RateLimitInfo | None = None) -> CallError:
+    message, code = _error_detail(raw)
+    kind = _refine(kind_for_status(status), message, code)
+    return CallError(kind, redact(f"{status}: {message}"), status, parse_retry_after(headers),
+                     rate_limits)
+
+
+def _in_band_error(error: Any, rate_limits: RateLimitInfo | None) -> CallError:
+    """A 200 whose body is ``{"error": ...}`` (OpenRouter and some proxies answer so):
+    classified from the error's code or type as its HTTP status would be."""
+    message, code = _error_fields(error)
+    status = None
+    if isinstance(error, dict):
+        number = error.get("code")
+        if isinstance(number, int) and not isinstance(number, bool) and 400 <= number < 600:
+            status = number
+        kind = kind_for_error_type(error.get("code")) or kind_for_error_type(error.get("type"))
+    else:
+        kind = None
+    if kind is None:
+        # a provider failure reported in a 200: retried like a 5xx unless it says more
+        kind = kind_for_status(status) if status is not None else "server_error"
+    return CallError(_refine(kind, message, code),
+                     redact(f"{status or 200} (error in the body): {message}"), status,
+                     None, rate_limits)
+
+
+def _text_of(content: Any) -> str | None:
+    """A message's content: a string, or a list of parts whose text parts are joined."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise malformed(f"a content part is a {type(part).__name__}, not an object: "
+                                f"{preview(part)}")
+            if part.get("type") == "text":
+                parts.append(field_of(part, "text", str, "content part ") or "")
+        return "".join(parts)
+    raise malformed(f"message.content is a {type(content).__name__}: {preview(content)}")
+
+
+def parse_completion(raw: bytes, latency: float, rate_limits: RateLimitInfo | None = None
+                     ) -> Completion:
+    """A chat (or text) completion body -> :class:`Completion`; raises :class:`CallError`
+    (``malformed_response``, ``empty_response``, or the kind of an error in the body)."""
+    body = load_object(raw)
+    if body.get("choices") is None and body.get("error") is not None:
+        raise _in_band_error(body["error"], rate_limits)
+    choices = field_of(body, "choices", list, "")
     if not choices:
-        raise CallError("empty_response", "the response has no choices")
+        raise CallError("empty_response", "the response has no choices", None, None,
+                        rate_limits)
     choice = choices[0]
-    message = choice.get("message") or {}
-    text = message.get("content")
+    if not isinstance(choice, dict):
+        raise malformed(f"choices[0] is a {type(choice).__name__}, not an object: "
+                        f"{preview(choice)}")
+    message = field_of(choice, "message", dict, "choices[0].") or {}
+    text = _text_of(message.get("content"))
     if text is None:
-        text = choice.get("text")
+        text = field_of(choice, "text", str, "choices[0].")
     if text is None:
-        raise CallError("empty_response", "the response has no text content")
-    usage = body.get("usage") or {}
+        raise CallError("empty_response", "the response has no text content", None, None,
+                        rate_limits)
+    usage = field_of(body, "usage", dict, "") or {}
+    model = body.get("model")
     return Completion(
         text=text,
-        finish_reason=choice.get("finish_reason"),
-        usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens")
-                                                                or 0)),
-        model=str(body.get("model") or ""),
+        finish_reason=field_of(choice, "finish_reason", str, "choices[0]."),
+        usage=Usage(token_count(usage, "prompt_tokens"), token_count(usage, "completion_tokens")),
+        model="" if model is None else str(model),
         latency_s=latency,
+        rate_limits=rate_limits,
     )
 
 
@@ -127,30 +181,18 @@ class OpenAITransport:
         return orjson.dumps({"model": model, "messages": request.messages, **params, **extra})
 
     async def complete(self, request: ChatRequest) -> Completion:
-        import aiohttp
-
         session = self._open()
         started = time.perf_counter()
+        url = self.completions_url if request.prompt is not None else self.url
+        status, raw, headers = await post(session, url, self._body(request), request.timeout)
+        rate_limits = from_openai_headers(headers)
+        if status != 200:
+            raise _classify(status, raw, headers, rate_limits)
         try:
-            url = self.completions_url if request.prompt is not None else self.url
-            async with session.post(url, data=self._body(request),
-                                    timeout=aiohttp.ClientTimeout(total=request.timeout)
-                                    ) as response:
-                raw = await response.read()
-                if response.status != 200:
-                    raise _classify(response.status, raw, response.headers)
-        except asyncio.TimeoutError:
-            raise CallError("timeout", f"no answer within {request.timeout:g}s") from None
-        except aiohttp.ClientResponseError as exc:
-            raise CallError(kind_for_status(exc.status), redact(str(exc)), exc.status) from None
-        except aiohttp.ClientError as exc:  # refused, reset, DNS, payload errors
-            raise CallError("connection", redact(f"{type(exc).__name__}: {exc}")) from None
-        except CallError:
+            return parse_completion(raw, time.perf_counter() - started, rate_limits)
+        except CallError as err:  # an unreadable 200 still said what the limits are
+            err.rate_limits = err.rate_limits or rate_limits
             raise
-        except Exception as exc:  # anything else below us (a cassette miss, a proxy hook):
-            # an item-level error, as litellm reports it, never a crash of the run
-            raise CallError("error", redact(f"{type(exc).__name__}: {exc}")) from None
-        return parse_completion(raw, time.perf_counter() - started)
 
     async def aclose(self) -> None:
         if self._session is not None and not self._session.closed:

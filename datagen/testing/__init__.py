@@ -1,10 +1,12 @@
-"""Testing kit for pipelines: a fake OpenAI-compatible server on 127.0.0.1, an in-process
-fake model (``provider: fake``), and cassette record/replay (see ``cassettes``).
+"""Testing kit for pipelines: fake OpenAI-compatible and Anthropic servers on 127.0.0.1,
+an in-process fake model (``provider: fake``), and cassette record/replay (see
+``cassettes``).
 
 The pytest plugin (``datagen.testing.plugin``, registered as a pytest11 entry point) adds
 the ``datagen_cassette`` and ``fake_llm`` fixtures to any project that installs datagen.
 """
 
+from datagen.testing.fake_anthropic import FakeAnthropicServer
 from datagen.testing.fake_model import FakeLLM, fake_llm
 from datagen.testing.fake_server import (
     FakeOpenAIServer,
@@ -14,5 +16,5 @@ from datagen.testing.fake_server import (
     echo_draft,
 )  # fmt: skip
 
-__all__ = ["FakeLLM", "FakeOpenAIServer", "FakeReply", "FaultPlan", "completion_body",
-           "echo_draft", "fake_llm"]
+__all__ = ["FakeAnthropicServer", "FakeLLM", "FakeOpenAIServer", "FakeReply", "FaultPlan",
+           "completion_body", "echo_draft", "fake_llm"]

@@ -52,6 +52,7 @@ class FaultPlan:
     rate_429: float = 0.0
     retry_after: str | None = "1"
     rate_500: float = 0.0
+    rate_529: float = 0.0  # Anthropic's "overloaded"
     rate_hang: float = 0.0
     hang_seconds: float = 30.0
     rate_malformed: float = 0.0
@@ -66,25 +67,33 @@ class FaultPlan:
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
 
-    def draw(self, body: dict[str, Any], text: Callable[[], str]) -> FakeReply | None:
+    def pick(self) -> str | None:
+        """The fault for the next request ("429", "500", "529", "hang", "malformed",
+        "empty", "length"), counted in ``injected``; None for no fault."""
         with self._lock:
             roll = self._rng.random()
         for kind, rate in (("429", self.rate_429), ("500", self.rate_500),
-                           ("hang", self.rate_hang), ("malformed", self.rate_malformed),
-                           ("empty", self.rate_empty), ("length", self.rate_length)):
+                           ("529", self.rate_529), ("hang", self.rate_hang),
+                           ("malformed", self.rate_malformed), ("empty", self.rate_empty),
+                           ("length", self.rate_length)):
             if roll < rate:
                 with self._lock:
                     self.injected[kind] += 1
-                return self._reply(kind, body, text)
+                return kind
             roll -= rate
         return None
+
+    def draw(self, body: dict[str, Any], text: Callable[[], str]) -> FakeReply | None:
+        """The next fault as an OpenAI-shaped reply, or None."""
+        kind = self.pick()
+        return None if kind is None else self._reply(kind, body, text)
 
     def _reply(self, kind: str, body: dict[str, Any], text: Callable[[], str]) -> FakeReply:
         if kind == "429":
             headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
             return FakeReply(status=429, headers=headers)
-        if kind == "500":
-            return FakeReply(status=500)
+        if kind in ("500", "529"):
+            return FakeReply(status=int(kind))
         if kind == "hang":
             return FakeReply(body=completion_body(body, text()), delay=self.hang_seconds)
         if kind == "malformed":
@@ -202,6 +211,78 @@ class FakeOpenAIServer:
 
     # ---- serving ---------------------------------------------------------------------
 
+    # ---- what a subclass for another API changes -----------------------------------
+
+    label = "OpenAI"  # in messages and the thread's name
+
+    def authorized(self, headers: Any) -> bool:
+        return self.api_key is None or headers.get("Authorization", "") == (
+            f"Bearer {self.api_key}")
+
+    def error_body(self, status: int, message: str) -> Any:
+        return error_body(status, message)
+
+    def gate(self, body: dict[str, Any], headers: Any) -> FakeReply | None:
+        """A reply that stops an authorized request before faults and the responder
+        (a request the API would reject, a limit used up), or None."""
+        return None
+
+    def responder_view(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body as the responder sees it (OpenAI chat shape)."""
+        return body
+
+    def reply_body(self, body: dict[str, Any], text: str) -> Any:
+        """The body of a successful reply with ``text``."""
+        return completion_body(body, text)
+
+    def fault_reply(self, kind: str, body: dict[str, Any], text: Callable[[], str]
+                    ) -> FakeReply:
+        assert self.faults is not None
+        return self.faults._reply(kind, body, text)
+
+    def finish(self, body: dict[str, Any], reply: FakeReply) -> tuple[FakeReply, dict[str, str]]:
+        """The reply to send and headers to add (``reply`` may be shared: not changed)."""
+        if "prompt" in body and isinstance(reply.body, dict) and reply.body.get("choices"):
+            for choice in reply.body["choices"]:  # /v1/completions answers with text
+                choice["text"] = choice.pop("message", {}).get("content", "")
+            reply.body["object"] = "text_completion"
+        return reply, {}
+
+    # ---- serving ---------------------------------------------------------------------
+
+    def _arrived(self, arrived: float, body: dict[str, Any], headers: Any) -> None:
+        with self._lock:
+            self._count += 1
+            self.arrivals.append(arrived)
+            if self.keep_bodies:
+                self.bodies.append(body)
+                self.headers.append(dict(headers))
+                self.per_body[body_hash(body)] += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _answer(self, body: dict[str, Any]) -> FakeReply:
+        """A fault when the plan draws one, else the responder's reply."""
+        view = self.responder_view(body)
+        kind = self.faults.pick() if self.faults else None
+        if kind is not None:
+            return self.fault_reply(kind, body, lambda: str(self.responder(view)))
+        answer = self.responder(view)
+        return answer if isinstance(answer, FakeReply) else FakeReply(
+            body=self.reply_body(body, str(answer)))
+
+    def _reply_for(self, body: dict[str, Any], headers: Any
+                   ) -> tuple[FakeReply, dict[str, str]]:
+        if not self.authorized(headers):
+            return FakeReply(status=401, body=self.error_body(
+                401, "Incorrect API key provided")), {}
+        reply, extra = self.finish(body, self.gate(body, headers) or self._answer(body))
+        if reply.body is None:
+            reply = FakeReply(reply.status, self.error_body(reply.status,
+                                                            f"fake error {reply.status}"),
+                              reply.headers, reply.delay)
+        return reply, extra
+
     async def _handle(self, request: Any) -> Any:
         from aiohttp import web
 
@@ -210,32 +291,10 @@ class FakeOpenAIServer:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return web.json_response(error_body(400, "body is not JSON"), status=400)
-        with self._lock:
-            self._count += 1
-            self.arrivals.append(arrived)
-            if self.keep_bodies:
-                self.bodies.append(body)
-                self.headers.append(dict(request.headers))
-                self.per_body[body_hash(body)] += 1
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return web.json_response(self.error_body(400, "body is not JSON"), status=400)
+        self._arrived(arrived, body, request.headers)
         try:
-            auth = request.headers.get("Authorization", "")
-            if self.api_key is not None and auth != f"Bearer {self.api_key}":
-                return web.json_response(error_body(401, "Incorrect API key provided"),
-                                         status=401)
-            fault = self.faults.draw(body, lambda: str(self.responder(body))) if (
-                self.faults) else None
-            answer = fault if fault is not None else self.responder(body)
-            reply = answer if isinstance(answer, FakeReply) else FakeReply(
-                body=completion_body(body, str(answer)))
-            if "prompt" in body and isinstance(reply.body, dict) and reply.body.get("choices"):
-                for choice in reply.body["choices"]:  # /v1/completions answers with text
-                    choice["text"] = choice.pop("message", {}).get("content", "")
-                reply.body["object"] = "text_completion"
-            if reply.body is None:
-                reply.body = error_body(reply.status, f"fake error {reply.status}")
+            reply, extra = self._reply_for(body, request.headers)
             delay = self.latency + reply.delay
             if self.jitter:
                 import random
@@ -243,11 +302,11 @@ class FakeOpenAIServer:
                 delay = max(0.0, delay + random.uniform(-self.jitter, self.jitter))
             if delay > 0:
                 await asyncio.sleep(delay)
-            if isinstance(reply.body, (bytes, str)):
-                return web.Response(body=reply.body, status=reply.status, headers=reply.headers,
-                                    content_type="application/json")
-            return web.Response(body=orjson.dumps(reply.body), status=reply.status,
-                                headers=reply.headers, content_type="application/json")
+            data = reply.body if isinstance(reply.body, (bytes, str)) else orjson.dumps(
+                reply.body)
+            return web.Response(body=data, status=reply.status,
+                                headers={**reply.headers, **extra},
+                                content_type="application/json")
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -272,14 +331,17 @@ class FakeOpenAIServer:
         return web.json_response({"object": "list", "data": [{"id": "fake-model",
                                                               "object": "model"}]})
 
-    async def _serve(self) -> None:
-        from aiohttp import web
-
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def routes(self, app: Any) -> None:
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_post("/chat/completions", self._handle)
         app.router.add_post("/v1/completions", self._handle)
         app.router.add_get("/v1/models", self._models)
+
+    async def _serve(self) -> None:
+        from aiohttp import web
+
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.routes(app)
         app.router.add_get("/stats", self._stats)  # for benchmarks in other processes
         app.router.add_post("/reset", self._reset)
         self._runner = web.AppRunner(app, access_log=None)
@@ -307,13 +369,13 @@ class FakeOpenAIServer:
         loop.close()
 
     def start(self) -> FakeOpenAIServer:
-        self._thread = threading.Thread(target=self._thread_main, name="fake-openai",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._thread_main,
+                                        name=f"fake-{self.label.lower()}", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
-            raise RuntimeError("the fake OpenAI server did not start within 10 s")
+            raise RuntimeError(f"the fake {self.label} server did not start within 10 s")
         if self._error is not None:
-            raise RuntimeError(f"the fake OpenAI server failed to start: {self._error}")
+            raise RuntimeError(f"the fake {self.label} server failed to start: {self._error}")
         return self
 
     def stop(self) -> None:

@@ -1,0 +1,85 @@
+"""What the fast transports share on the wire: one POST, and a body read without trust.
+
+:func:`post` sends one request (never retried here) and turns every failure below HTTP
+(timeout, refused, reset, anything else) into a :class:`CallError`. Whatever a 200 body
+holds (not JSON, a list where an object belongs, a token count of ``"n/a"``), the readers
+here raise a :class:`CallError` of kind ``malformed_response`` that says what was wrong,
+never an AttributeError or TypeError from deep inside the parsing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from datagen.llm.errors import CallError, kind_for_status
+from datagen.redact import redact
+
+_PREVIEW = 120
+
+
+def preview(value: Any) -> str:
+    """A short, printable form of a value, for error messages."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else repr(value)
+    return text if len(text) <= _PREVIEW else text[:_PREVIEW] + "..."
+
+
+def malformed(what: str) -> CallError:
+    return CallError("malformed_response", redact(f"malformed response: {what}"))
+
+
+def load_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise malformed(f"the body is not valid JSON ({exc}): {preview(raw)}") from None
+    if not isinstance(body, dict):
+        raise malformed(f"the body is a JSON {type(body).__name__}, not an object: "
+                        f"{preview(body)}")
+    return body
+
+
+def field_of(parent: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """``parent[key]`` when it is a ``kind`` (None when absent or null)."""
+    value = parent.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise malformed(f"{where}{key} is a {type(value).__name__}, not a {kind.__name__}: "
+                        f"{preview(value)}")
+    return value
+
+
+def token_count(usage: dict[str, Any], key: str, where: str = "usage.") -> int:
+    """A token count from a usage object: 0 when absent or null; a whole number >= 0,
+    else the response is malformed."""
+    value = usage.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise malformed(f"{where}{key} is not a token count: {preview(value)}")
+    return value
+
+
+async def post(session: Any, url: str, data: bytes, timeout: float,
+               headers: Mapping[str, str] | None = None) -> tuple[int, bytes, Any]:
+    """One POST with ``session`` (aiohttp): the status, the body and the headers."""
+    import aiohttp
+
+    try:
+        async with session.post(url, data=data, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            return response.status, await response.read(), response.headers
+    except asyncio.TimeoutError:
+        raise CallError("timeout", f"no answer within {timeout:g}s") from None
+    except aiohttp.ClientResponseError as exc:
+        raise CallError(kind_for_status(exc.status), redact(str(exc)), exc.status) from None
+    except aiohttp.ClientError as exc:  # refused, reset, DNS, payload errors
+        raise CallError("connection", redact(f"{type(exc).__name__}: {exc}")) from None
+    except Exception as exc:  # anything else below us (a cassette miss, a proxy hook):
+        # an item-level error, as litellm reports it, never a crash of the run
+        raise CallError("error", redact(f"{type(exc).__name__}: {exc}")) from None
