@@ -404,7 +404,6 @@ async def test_a_refused_connection_is_a_connection_error() -> None:
 # ---- unreadable bodies, on both fast transports ---------------------------------------
 
 ANTHROPIC_MALFORMED = {
-    "not JSON": b'{"id": "msg_1", "content": [{"ty',
     "a JSON list": b"[1, 2]",
     "a JSON string": b'"hello"',
     "no content": {"type": "message", "usage": {}},
@@ -435,15 +434,12 @@ async def test_anthropic_unreadable_bodies_are_malformed_responses(
 
 
 OPENAI_MALFORMED = {
-    "not JSON": b'{"choices": [{"mess',
     "a JSON list": b"[1, 2]",
     "choices an object": {"choices": {"0": {}}},
     "choices[0] a string": {"choices": ["hello"]},
     "message a string": {"choices": [{"message": "hello"}]},
     "content a number": {"choices": [{"message": {"content": 42}}]},
     "a content part a string": {"choices": [{"message": {"content": ["hi"]}}]},
-    "finish_reason a number": {"choices": [{"message": {"content": "hi"},
-                                            "finish_reason": 1}]},
     "usage a list": {"choices": [{"message": {"content": "hi"}}], "usage": [1]},
     "prompt_tokens n/a": {"choices": [{"message": {"content": "hi"}}],
                           "usage": {"prompt_tokens": "n/a", "completion_tokens": 1}},
@@ -459,6 +455,17 @@ async def test_openai_unreadable_bodies_are_malformed_responses(
     err = await failure(send_openai(openai))
     assert err.kind == "malformed_response" and err.retryable, err.message
     assert err.message.startswith("malformed response: ")
+
+
+@pytest.mark.parametrize("body", [b'{"choices": [{"mess', b"<html>502 Bad Gateway</html>"])
+async def test_a_body_that_is_not_json_is_a_server_error_on_both_fast_transports(
+        openai: FakeOpenAIServer, anthropic: FakeAnthropicServer, body: bytes) -> None:
+    # as litellm reports it (a cut-off body or a proxy's error page): retried the same way
+    openai.responder = lambda b: FakeReply(body=body)
+    anthropic.responder = lambda b: FakeReply(body=body)
+    for err in (await failure(send_openai(openai)), await failure(send(anthropic))):
+        assert err.kind == "server_error" and err.retryable, err.message
+        assert "not valid JSON" in err.message
 
 
 @pytest.mark.parametrize(("error_field", "kind"), [

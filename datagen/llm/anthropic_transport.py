@@ -302,12 +302,12 @@ class AnthropicTransport:
     name = "anthropic"
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 pool_size: int = 64) -> None:
+                 pool_size: int = 64, headers: dict[str, str] | None = None) -> None:
         self.base_url = base_url
         self.url = messages_url(base_url)
         self._key = api_key or os.environ.get(KEY_ENV)
         self._headers = {"Content-Type": "application/json",
-                         "anthropic-version": ANTHROPIC_VERSION}
+                         "anthropic-version": ANTHROPIC_VERSION, **(headers or {})}
         if self._key:
             self._headers["x-api-key"] = self._key
         self.pool_size = pool_size

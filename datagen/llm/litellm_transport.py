@@ -43,6 +43,10 @@ def _headers_of(exc: BaseException) -> Any:
     return getattr(response, "headers", None)
 
 
+_UNREADABLE = ("Invalid response object", "Empty or invalid response",
+               "LiteLLM: provider returned")
+
+
 def classify(exc: BaseException) -> CallError:
     """Map any exception from litellm (or below it) to a :class:`CallError`."""
     litellm = import_litellm()
@@ -64,6 +68,10 @@ def classify(exc: BaseException) -> CallError:
         (litellm.BadRequestError, "bad_request"),
         (litellm.UnprocessableEntityError, "bad_request"),
     ]
+    if any(sign in message for sign in _UNREADABLE):
+        # litellm's words for a 200 it could not read (choices, message or usage of the
+        # wrong type): the same kind the fast transports give it
+        return CallError("malformed_response", message, status, retry_after)
     if "Connection error" in message or "Cannot connect to host" in message:
         # litellm reports a refused or reset connection as an InternalServerError
         return CallError("connection", message, status, retry_after)

@@ -85,11 +85,20 @@ def _in_band_error(error: Any, rate_limits: RateLimitInfo | None) -> CallError:
     else:
         kind = None
     if kind is None:
-        # a provider failure reported in a 200: retried like a 5xx unless it says more
-        kind = kind_for_status(status) if status is not None else "server_error"
+        # an error of no known type or status reported in a 200: the request's fault, as
+        # litellm classifies it too (both transports agree on every answer)
+        kind = kind_for_status(status) if status is not None else "bad_request"
     return CallError(_refine(kind, message, code),
                      redact(f"{status or 200} (error in the body): {message}"), status,
                      None, rate_limits)
+
+
+def _finish_reason(value: Any) -> str | None:
+    """Why it stopped; a value that is not text (a number from an odd server) is read as
+    "stop", as litellm reads it: the answer itself is fine."""
+    if value is None or isinstance(value, str):
+        return value
+    return "stop"
 
 
 def _text_of(content: Any) -> str | None:
@@ -134,7 +143,7 @@ def parse_completion(raw: bytes, latency: float, rate_limits: RateLimitInfo | No
     model = body.get("model")
     return Completion(
         text=text,
-        finish_reason=field_of(choice, "finish_reason", str, "choices[0]."),
+        finish_reason=_finish_reason(choice.get("finish_reason")),
         usage=Usage(token_count(usage, "prompt_tokens"), token_count(usage, "completion_tokens")),
         model="" if model is None else str(model),
         latency_s=latency,

@@ -32,11 +32,14 @@ def malformed(what: str) -> CallError:
 
 
 def load_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object."""
+    """The body as a JSON object. A body that is not JSON at all (cut off, an HTML error
+    page from a proxy) is a server fault, ``server_error``, as litellm reports it too; a
+    JSON body of the wrong shape is ``malformed_response``."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise malformed(f"the body is not valid JSON ({exc}): {preview(raw)}") from None
+        raise CallError("server_error", redact(f"the response is not valid JSON ({exc}): "
+                                               f"{preview(raw)}")) from None
     if not isinstance(body, dict):
         raise malformed(f"the body is a JSON {type(body).__name__}, not an object: "
                         f"{preview(body)}")
