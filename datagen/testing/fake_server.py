@@ -141,6 +141,8 @@ def body_hash(body: dict[str, Any]) -> str:
 class FakeOpenAIServer:
     """See the module docstring. ``port=0`` picks a free port."""
 
+    client_max_size = 64 * 1024 * 1024  # the largest request body accepted, in bytes
+
     def __init__(self, responder: Responder | None = None, latency: float = 0.0,
                  host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
                  faults: FaultPlan | None = None, jitter: float = 0.0,
@@ -275,13 +277,14 @@ class FakeOpenAIServer:
     async def _serve(self) -> None:
         from aiohttp import web
 
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self.client_max_size)
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_post("/chat/completions", self._handle)
         app.router.add_post("/v1/completions", self._handle)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/stats", self._stats)  # for benchmarks in other processes
         app.router.add_post("/reset", self._reset)
+        self._add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
@@ -290,6 +293,9 @@ class FakeOpenAIServer:
         sockets = server.sockets if server is not None else []
         if sockets:
             self.port = sockets[0].getsockname()[1]
+
+    def _add_routes(self, app: Any) -> None:
+        """A hook for subclasses (the batch server): more routes on the same app and port."""
 
     def _thread_main(self) -> None:
         loop = asyncio.new_event_loop()
