@@ -205,7 +205,7 @@ def build_body(request: ChatRequest) -> dict[str, Any]:
     }
     if system is not None:
         body["system"] = system
-    body.update(_sampling(params))
+    body.update(_sampling(dict(params)))
     extra = params.get("extra_body")
     if extra:
         body.update(extra)

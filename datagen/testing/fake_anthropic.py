@@ -248,7 +248,8 @@ class FakeAnthropicServer(FakeOpenAIServer):
         full = text()
         return FakeReply(body=message_body(body, full[: max(1, len(full) // 2)], "max_tokens"))
 
-    def finish(self, body: dict[str, Any], reply: FakeReply) -> tuple[FakeReply, dict[str, str]]:
+    def finish_reply(self, body: dict[str, Any], reply: FakeReply
+                     ) -> tuple[FakeReply, dict[str, str]]:
         used_in, used_out = _tokens(reply)
         with self._window_lock:
             window, now = self._window, time.monotonic()

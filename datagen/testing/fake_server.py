@@ -150,6 +150,8 @@ def body_hash(body: dict[str, Any]) -> str:
 class FakeOpenAIServer:
     """See the module docstring. ``port=0`` picks a free port."""
 
+    client_max_size = 64 * 1024 * 1024  # the largest request body accepted, in bytes
+
     def __init__(self, responder: Responder | None = None, latency: float = 0.0,
                  host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
                  faults: FaultPlan | None = None, jitter: float = 0.0,
@@ -240,7 +242,8 @@ class FakeOpenAIServer:
         assert self.faults is not None
         return self.faults._reply(kind, body, text)
 
-    def finish(self, body: dict[str, Any], reply: FakeReply) -> tuple[FakeReply, dict[str, str]]:
+    def finish_reply(self, body: dict[str, Any], reply: FakeReply
+                     ) -> tuple[FakeReply, dict[str, str]]:
         """The reply to send and headers to add (``reply`` may be shared: not changed)."""
         if "prompt" in body and isinstance(reply.body, dict) and reply.body.get("choices"):
             for choice in reply.body["choices"]:  # /v1/completions answers with text
@@ -276,7 +279,7 @@ class FakeOpenAIServer:
         if not self.authorized(headers):
             return FakeReply(status=401, body=self.error_body(
                 401, "Incorrect API key provided")), {}
-        reply, extra = self.finish(body, self.gate(body, headers) or self._answer(body))
+        reply, extra = self.finish_reply(body, self.gate(body, headers) or self._answer(body))
         if reply.body is None:
             reply = FakeReply(reply.status, self.error_body(reply.status,
                                                             f"fake error {reply.status}"),
@@ -340,10 +343,11 @@ class FakeOpenAIServer:
     async def _serve(self) -> None:
         from aiohttp import web
 
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self.client_max_size)
         self.routes(app)
         app.router.add_get("/stats", self._stats)  # for benchmarks in other processes
         app.router.add_post("/reset", self._reset)
+        self._add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
@@ -352,6 +356,9 @@ class FakeOpenAIServer:
         sockets = server.sockets if server is not None else []
         if sockets:
             self.port = sockets[0].getsockname()[1]
+
+    def _add_routes(self, app: Any) -> None:
+        """A hook for subclasses (the batch server): more routes on the same app and port."""
 
     def _thread_main(self) -> None:
         loop = asyncio.new_event_loop()
