@@ -230,11 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     run.add_argument("--resume", action="store_true", help="continue the newest run")
     run.add_argument("--dry-run", action="store_true", help="estimate only; send nothing")
-    run.add_argument("--sample", type=int, help="with --dry-run: render a seeded sample")
-    run.add_argument("--limit", type=int, help="run a seeded subset of N items")
-    run.add_argument("--concurrency", type=int, help="requests in flight")
+    run.add_argument("--sample", type=_count, help="with --dry-run: render a seeded sample")
+    run.add_argument("--limit", type=_count, help="run a seeded subset of N items")
+    run.add_argument("--concurrency", type=_count, help="requests in flight")
     run.add_argument("--output", help="output directory")
-    run.add_argument("--max-failure-rate", type=float, default=0.1,
+    run.add_argument("--max-failure-rate", type=_share, default=0.1,
                      help="exit 1 when more than this share of items failed (default 0.1)")
     run.add_argument("--no-progress", action="store_true", help="no progress display")
     run.set_defaults(func=_run)
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="examples:\n  datagen estimate examples/factual_qa\n"
                                 "  datagen estimate . --sample 100 --seed 1")
     _add_common(est)
-    est.add_argument("--sample", type=int, help="render a seeded sample, extrapolated")
+    est.add_argument("--sample", type=_count, help="render a seeded sample, extrapolated")
     est.set_defaults(func=_estimate)
 
     exp = sub.add_parser("export", help="ShareGPT / OpenAI / Hugging Face from results",
@@ -284,7 +284,42 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="examples:\n  datagen init demo && cd demo && datagen run")
     init.add_argument("name")
     init.set_defaults(func=_init)
+
+    cfg = sub.add_parser("config", help="print every config key, its default and meaning",
+                         formatter_class=fmt,
+                         description="Print the whole config.yaml, annotated: every section "
+                                     "and key, its default and a line on what it does (from "
+                                     "the schema that loads it).",
+                         epilog="examples:\n  datagen config > config.yaml")
+    cfg.set_defaults(func=_config)
     return parser
+
+
+def _config(args: argparse.Namespace) -> int:
+    from datagen.config.explain import annotated_config
+
+    print(annotated_config(), end="")
+    return EXIT_OK
+
+
+def _share(text: str) -> float:
+    """--max-failure-rate: a share of items, 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share of items between 0 and 1 "
+                                         "(0.1 = 10%)")
+    return value
+
+
+def _count(text: str) -> int:
+    """--limit, --sample, --concurrency: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

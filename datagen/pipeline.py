@@ -10,23 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datagen import extract as extract_mod
 from datagen import redact
+from datagen.builder import StepBuilder
 from datagen.config import Settings, load_settings
 from datagen.engine.job import Job, RunOptions
-from datagen.errors import ConfigError, TemplateError
+from datagen.errors import ConfigError
 from datagen.estimate import Estimate
 from datagen.llm import runtime
 from datagen.plan import Plan
 from datagen.plans import SingleStepPlan, StepsPlan
-from datagen.prompts import ChatPrompt, StepPrompt, Syntax, find_prompt
+from datagen.prompts import ChatPrompt
 from datagen.result import RunResult
-from datagen.steps import DEFAULT_VALIDATION_RETRIES, CallEvent, Step
+from datagen.steps import CallEvent, Step
 
 if TYPE_CHECKING:
     from datagen.streaming import RecordStream
@@ -48,7 +49,7 @@ def register_secrets(settings: Settings) -> None:
     redact.register_environment()
 
 
-class DataGenerationPipeline:
+class DataGenerationPipeline(StepBuilder):
     """A generation pipeline built from config.yaml and keyword overrides: the template's
     single-step form (prompts.user_prompt_path + system_prompt_path), or the steps added
     with :meth:`step`.
@@ -78,11 +79,6 @@ class DataGenerationPipeline:
 
     # ---- builder helpers -------------------------------------------------------------
 
-    @property
-    def syntax(self) -> Syntax:
-        prompts = self.settings.prompts
-        return Syntax(prompts.syntax, frozenset(prompts.literal_placeholders))
-
     def _load_prompt(self) -> ChatPrompt:
         return ChatPrompt.from_files(
             self.settings.prompts.user_prompt_path, self.settings.prompts.system_prompt_path,
@@ -103,123 +99,8 @@ class DataGenerationPipeline:
 
     def transport_name(self) -> str:
         """Which transport serves the main model: 'openai' or 'anthropic' (datagen's fast
-        paths), 'litellm', or a registered provider ('local', 'fake')."""
+        paths), 'litellm', or a registered provider (the embedded model: 'local')."""
         return runtime.transport_name(self.settings.model)
-
-    @property
-    def step_names(self) -> list[str]:
-        """The names of the steps added with :meth:`step` (empty: the single-step form)."""
-        return [step.name for step in self._steps]
-
-    # ---- multi-step builder ----------------------------------------------------------
-
-    def step(
-        self,
-        name: str,
-        prompt: PromptPath | Sequence[PromptPath],
-        extract: ExtractFunction | None = None,
-        validate: Callable[..., Any] | None = None,
-        input_processor: Callable[..., Any] | None = None,
-        sampling: Mapping[str, Any] | None = None,
-        model: str | None = None,
-        max_retries: int | None = None,
-        one_to_many: bool = False,
-        response_format: Any = None,
-        system_prompt: PromptPath | None = None,
-        mode: str = "chat",
-        stop: list[str] | None = None,
-        keep: Callable[..., Any] | None = None,
-        samples: int = 1,
-        syntax: str | None = None,
-    ) -> DataGenerationPipeline:
-        """Add a step; returns the pipeline, so steps chain.
-
-        ``prompt``: a ``.yaml`` chat prompt (a list of {role, content}, few-shot turns
-        welcome, ending with the assistant's opening words for a prefill) or a ``.txt``
-        user prompt (with ``system_prompt=`` a ``.txt`` system prompt), found in the
-        pipeline's own ``prompts/`` first, then in ``prompts.dirs``. A list of prompts
-        picks one per item, by its key (the same one on every run; the record says which).
-        Templates see the item's fields, every earlier step's output under its name, and
-        ``error_message``; ``syntax="format"`` reads them as str.format (``{name}``).
-        ``extract`` turns the text into the step's output (default: the text, or
-        ``response_format``'s model); ``validate(output, context)`` returns True, False,
-        (False, reason) or a reason; a failure is retried with the reason in
-        ``error_message`` up to ``max_retries`` (default 2). Returning ``DROP`` from the
-        extractor or validator, or False from ``keep(output, context)``, drops the item (a
-        filter: counted and listed, never a failure). ``model`` names a model of the
-        config's ``models:`` section. ``one_to_many``: the output is a list, and each
-        element continues through the later steps as its own item. ``samples=N``: N
-        outputs per input, each continuing as its own item. ``mode="completion"`` sends
-        the rendered text to a text-completion endpoint (base models), with ``stop``.
-        """
-        self._check_step_args(name, mode, samples, max_retries, model)
-        chosen = Syntax(syntax, self.syntax.literal) if syntax else self.syntax
-        prompts = self._load_step_prompts(name, prompt, system_prompt, chosen)
-        if extract is None and response_format is not None and not isinstance(
-                response_format, dict):
-            extract = extract_mod.json(response_format)
-        step_sampling = dict(sampling or {})
-        if stop is not None:
-            step_sampling["stop"] = stop
-        self._steps.append(Step(
-            name=name, prompts=prompts, extract=extract, validate=validate, keep=keep,
-            input_processor=input_processor, sampling=step_sampling, model=model,
-            max_retries=DEFAULT_VALIDATION_RETRIES if max_retries is None else max_retries,
-            one_to_many=one_to_many, samples=samples, response_format=response_format,
-            mode="completion" if mode == "completion" else "chat"))
-        return self
-
-    def _check_step_args(self, name: str, mode: str, samples: int, max_retries: int | None,
-                         model: str | None) -> None:
-        if not name.isidentifier() or name in ("error_message", "item"):
-            raise ConfigError(f"step name {name!r} must be a Python identifier (templates "
-                              "use it as a variable) and not 'error_message' or 'item'")
-        if any(existing.name == name for existing in self._steps):
-            raise ConfigError(f"a step named {name!r} already exists")
-        if mode not in ("chat", "completion"):
-            raise ConfigError(f"step '{name}': mode must be 'chat' or 'completion'")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ConfigError(f"step '{name}': samples must be a whole number >= 1, got "
-                              f"{samples!r}")
-        if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(
-                max_retries, int) or max_retries < 0):
-            raise ConfigError(f"step '{name}': max_retries must be a whole number >= 0, got "
-                              f"{max_retries!r}")
-        self.settings.named_model(model)  # an unknown name fails here, naming the model
-
-    def _load_step_prompts(self, name: str, prompt: PromptPath | Sequence[PromptPath],
-                           system_prompt: PromptPath | None, syntax: Syntax
-                           ) -> tuple[StepPrompt, ...]:
-        names = [prompt] if isinstance(prompt, (str, PathLike)) else list(prompt)
-        if not names:
-            raise ConfigError(f"step '{name}': prompt= is an empty list")
-        search = self._prompt_dirs()
-        try:
-            system = find_prompt(system_prompt, search, name) if system_prompt else None
-            return tuple(StepPrompt.load(find_prompt(one, search, name), system, syntax)
-                         for one in names)
-        except TemplateError as exc:
-            text = str(exc)
-            raise TemplateError(text if text.startswith("step '") else f"step '{name}': {text}"
-                                ) from None
-
-    def on_call(self, before: Callable[[CallEvent], Any] | None = None,
-                after: Callable[[CallEvent], Any] | None = None) -> DataGenerationPipeline:
-        """Observers called before and after every LLM call with a :class:`CallEvent`
-        (step, key, messages, response, usage, latency, cached, error)."""
-        if before is not None:
-            self._observers["before"].append(before)
-        if after is not None:
-            self._observers["after"].append(after)
-        return self
-
-    def _prompt_dirs(self) -> list[Path]:
-        base = self.settings.config_path.parent if self.settings.config_path else Path.cwd()
-        dirs = [base / "prompts"]
-        for extra in self.settings.prompts.dirs:
-            p = Path(extra).expanduser()
-            dirs.append(p if p.is_absolute() else base / p)
-        return [*dirs, base, Path.cwd()]
 
     # ---- running ---------------------------------------------------------------------
 

@@ -18,8 +18,6 @@ import dataclasses
 import logging
 import os
 import re
-import socket
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +27,9 @@ import orjson
 
 from datagen import redact
 from datagen.errors import OutputError
+from datagen.lock import RunLock as RunLock  # re-exported
+from datagen.lock import RunLockedError
+from datagen.lock import iso_now as iso_now  # re-exported
 from datagen.seen import KeyIndex
 
 log = logging.getLogger("datagen.store")
@@ -263,71 +264,6 @@ def read_index(*paths: Path, into: KeyIndex | None = None) -> ResultsIndex:
     return ResultsIndex(keys, lines, bad)
 
 
-class RunLockedError(OutputError):
-    """Another process is writing this run."""
-
-    kind = "locked"
-
-
-class RunLock:
-    """One writer per run: an exclusive ``flock`` on ``<run>.lock``, which records who
-    holds it (pid, host, start time, command).
-
-    The kernel releases an flock when its process dies, however it dies (kill -9, a
-    crash, a reboot), so a lock left behind is never mistaken for a live writer: a stale
-    file is simply locked again by the next run.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        import fcntl
-
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise OutputError(f"cannot create the run lock {self.path}: {exc.strerror}. "
-                              "Set output_data.output_dir to a folder you can write to."
-                              ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise RunLockedError(
-                f"{self.path.with_suffix('.jsonl')} is being written by another process "
-                f"({holder}). Only one process may write a run: wait for it to finish, or "
-                "stop it (Ctrl+C, or kill that pid) and resume.") from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": iso_now(),
-                "command": " ".join(sys.argv)[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, orjson.dumps(info) + b"\n", 0)
-        self._fd = fd
-        return self
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        try:
-            info = orjson.loads(os.pread(fd, 4096, 0))
-            return (f"pid {info.get('pid')} on host {info.get('host')}, since "
-                    f"{info.get('started')}: {info.get('command')}")
-        except (OSError, orjson.JSONDecodeError, AttributeError):
-            return "a process that has not yet said who it is"
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock; the file stays, unlocked
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
 class WriteError(OutputError):
     """A file of the run could not be written (disk full, permissions, I/O error)."""
 
@@ -410,8 +346,3 @@ def write_json(path: Path, data: Any) -> None:
 
 
 write_manifest = write_json
-
-
-def iso_now() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
-

@@ -11,32 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from datagen.engine.job import Job
 from datagen.engine.recorder import Failure, RunRecorder
+from datagen.engine.verdict import judge
 from datagen.errors import RunAbortedError, a_type
 from datagen.llm.errors import CallError
 from datagen.llm.types import ChatRequest, Completion, request_identity
 from datagen.plan import ItemState, StepRuntime
 from datagen.pool import PoolItem
-from datagen.steps import CallEvent, drop_reason, validation_reason
+from datagen.steps import CallEvent
 from datagen.usercode import UserCodeError, call_user
 
 log = logging.getLogger("datagen.engine")
-
-
-@dataclass
-class Verdict:
-    """An answer judged: kind "ok", "drop", or why it failed (extraction, validation,
-    filter); the reason, the output, and the user function that raised, if one did."""
-
-    kind: str
-    reason: str | None
-    output: Any = None
-    function: str | None = None
-    rejects: bool = True  # the answer is wrong (not the user's code): ask again later
 
 
 class StepFailed(Exception):
@@ -183,7 +171,7 @@ class ItemRunner:
                 state, {**context, "error_message": error_message}, where)
             request = step.request_for(state, messages, prompt)
             completion, attempts, key = await self._call(step, state, request, retries)
-            verdict = await self._check(step, completion, context)
+            verdict = await judge(step, completion, context, self.timeout)
             reason = verdict.reason
             trace = step_trace(completion, attempts, retries)
             trace["messages" if prompt is None else "prompt"] = (messages if prompt is None
@@ -240,35 +228,6 @@ class ItemRunner:
         kept: fix the code and resume, and it is not paid for twice.)"""
         if key is not None and step.caller.cache is not None:
             step.caller.cache.reject(key)
-
-    async def _check(self, step: StepRuntime, completion: Completion,
-                     context: Mapping[str, Any]) -> Verdict:
-        """What the extractor, the validator and the filter make of an answer."""
-        output: Any = completion.text
-        if step.extract is not None:
-            try:
-                output = await call_user(step.extract, completion.text, kind="extraction",
-                                         timeout=self.timeout)
-            except UserCodeError as exc:
-                return Verdict("extraction", exc.message, None, exc.function, exc.rejects)
-            if (reason := drop_reason(output)) is not None:
-                return Verdict("drop", reason)
-        for kind, fn in (("validation", step.validate), ("filter", step.keep)):
-            if fn is None:
-                continue
-            try:
-                answer = await call_user(fn, output, context, kind=kind, timeout=self.timeout)
-            except UserCodeError as exc:
-                return Verdict(kind, exc.message, output, exc.function, exc.rejects)
-            if (reason := drop_reason(answer)) is not None:
-                return Verdict("drop", reason, output)
-            if kind == "filter":
-                if not answer:
-                    return Verdict("drop", f"filtered out by step '{step.name}'", output)
-                continue
-            if (reason := validation_reason(answer)) is not None:
-                return Verdict("validation", reason, output)
-        return Verdict("ok", None, output)
 
     async def _user(self, fn: Any, kind: str, *args: Any) -> Any:
         try:

@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from datagen import DataGenerationPipeline
-from datagen.extract import find_json
+from datagen import DataGenerationPipeline, extract
 
 HERE = Path(__file__).resolve().parent
 TOPICS = [("photosynthesis", "middle school"), ("prime numbers", "high school"),
@@ -23,7 +22,7 @@ TOPICS = [("photosynthesis", "middle school"), ("prime numbers", "high school"),
 
 
 def parse_response(text: str) -> dict[str, Any]:
-    value = find_json(text)
+    value = extract.find_json(text)
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, got {type(value).__name__}")
     missing = {"question", "answer", "difficulty"} - value.keys()
@@ -45,6 +44,6 @@ def data_pool(pipeline: DataGenerationPipeline) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":  # same as: datagen run <this folder> --set key=value ...
-    from datagen.cli import main
+    from datagen import main
 
     sys.exit(main(["run", str(HERE), *(f"--set={a}" for a in sys.argv[1:])]))

@@ -32,6 +32,6 @@ def data_pool(pipeline: DataGenerationPipeline) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":  # same as: datagen run <this folder> --set key=value ...
-    from datagen.cli import main
+    from datagen import main
 
     sys.exit(main(["run", str(HERE), *(f"--set={a}" for a in sys.argv[1:])]))

@@ -12,9 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datagen import DataGenerationPipeline, extract
-from datagen.export import to_sharegpt
-from datagen.ingest import chunks
+from datagen import DataGenerationPipeline, chunks, extract, to_sharegpt
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,6 +36,6 @@ def export(results: Path) -> Path:
 
 
 if __name__ == "__main__":  # same as: datagen run <this folder> --set key=value ...
-    from datagen.cli import main
+    from datagen import main
 
     sys.exit(main(["run", str(HERE), *(f"--set={a}" for a in sys.argv[1:])]))

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from datagen.folder import load_folder
+from datagen import load_folder
 
 HERE = Path(__file__).resolve().parent
 BASE_URL = os.environ.get("DATAGEN_RECORD_BASE_URL", "http://127.0.0.1:8080/v1")

@@ -15,9 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datagen import DataGenerationPipeline, extract
-from datagen.export import to_sharegpt
-from datagen.ingest import chunks
+from datagen import DataGenerationPipeline, chunks, extract, to_sharegpt
 
 HERE = Path(__file__).resolve().parent
 
