@@ -3,7 +3,8 @@
     python -m benchmarks.peers --setup                      # venvs for the peers (once)
     python -m benchmarks.peers                              # 200ms, 0ms, rate; 3 runs each
     python -m benchmarks.peers --scenarios 200k --timeout 300 --runs 1
-    python -m benchmarks.peers --markdown > /tmp/perf.md    # README's Performance tables
+    python -m benchmarks.peers --markdown --json runs.json  # README's tables; keep the runs
+    python -m benchmarks.peers --render runs.json --markdown  # the same tables again
 
 The fake server (datagen.testing.fake_server) runs in its own process on 127.0.0.1, one
 per scenario. Every client runs in its own process: the project's own (plain aiohttp,
@@ -24,6 +25,7 @@ Data Designer), litellm's local price map, and tiktoken reads the files litellm 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -225,6 +227,25 @@ def tail(path: Path, lines: int = 4) -> str:
     return " / ".join(line.strip()[:200] for line in text[-lines:])
 
 
+def kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_or_kill(proc: subprocess.Popen[str], timeout: float) -> tuple[str, bool]:
+    """The client's stdout, and whether the time limit cut it off. Its whole process
+    group (a peer's workers too) is killed when it is cut off or the harness interrupted."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return out, False
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        return proc.communicate()[0], True
+    except BaseException:
+        kill_group(proc)
+        raise
+
+
 def run_client(client: Client, scenario: Scenario, server: FakeServer, pools: dict[str, Path],
                workdir: Path, timeout: float) -> Run:
     workdir.mkdir(parents=True)
@@ -235,12 +256,7 @@ def run_client(client: Client, scenario: Scenario, server: FakeServer, pools: di
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                 cwd=workdir, env=client_env(client, workdir),
                                 start_new_session=True)  # its own group: killed whole
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            run.cut_off = True
+        out, run.cut_off = wait_or_kill(proc, timeout)
     stats = server.stats()
     run.requests, run.max_window = stats["requests"], stats["max_in_window"]
     if run.cut_off:
@@ -342,12 +358,11 @@ def header(s: Scenario) -> list[str]:
     return [*cols, "notes"]
 
 
-def row(client: Client, runs: list[Run], s: Scenario) -> list[str]:
+def row(client: Client, runs: list[Run], s: Scenario, missing: str | None) -> list[str]:
     good = [r for r in runs if r.ok]
     shown = good or [r for r in runs if r.cut_off]  # cut off: its numbers so far, with ~
     mark = "" if good else "~"
-    reason = unavailable(client)
-    notes = [reason] if reason else []
+    notes = [missing] if missing else []
     notes += sorted({r.error for r in runs if not r.ok})
     if good and len(good) < len(runs):
         notes.insert(0, f"{len(runs) - len(good)} of {len(runs)} runs failed")
@@ -378,8 +393,8 @@ def render(cols: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 
 def table(s: Scenario, clients: list[Client], results: dict[str, list[Run]],
-          markdown: bool) -> str:
-    rows = [row(c, results[c.name], s) for c in clients]
+          missing: dict[str, str], markdown: bool) -> str:
+    rows = [row(c, results[c.name], s, missing.get(c.name)) for c in clients]
     title = f"**{scenario_title(s)}**" if markdown else f"== {scenario_title(s)}"
     return f"{title}\n\n{render(header(s), rows, markdown)}\n"
 
@@ -425,15 +440,38 @@ def versions(clients: Iterable[Client], results: dict[str, dict[str, list[Run]]]
     return lines
 
 
-def report(argv: list[str], machine: list[str], scenarios: list[Scenario],
-           clients: list[Client], results: dict[str, dict[str, list[Run]]],
-           markdown: bool) -> str:
-    command = "python -m benchmarks.peers " + " ".join(argv)
-    intro = [*machine, f"command: `{command}`" if markdown else f"command: {command}",
-             *versions(clients, results)]
-    parts = ["\n".join(f"- {line}" if markdown else line for line in intro)]
-    parts += [table(s, clients, results[s.name], markdown) for s in scenarios]
-    return "\n\n".join(parts)
+@dataclass
+class Report:
+    """Everything the tables are made of: saved by --json, printed again by --render."""
+
+    argv: list[str]
+    intro: list[str]                   # date, machine, versions
+    scenarios: list[Scenario]
+    clients: list[str]
+    missing: dict[str, str]            # client -> why it could not run at all
+    results: dict[str, dict[str, list[Run]]]
+
+    def text(self, markdown: bool) -> str:
+        command = "python -m benchmarks.peers " + " ".join(self.argv)
+        intro = [*self.intro[:3], f"command: `{command}`" if markdown else f"command: {command}",
+                 *self.intro[3:]]
+        parts = ["\n".join(f"- {line}" if markdown else line for line in intro)]
+        clients = [CLIENTS[name] for name in self.clients]
+        parts += [table(s, clients, self.results[s.name], self.missing, markdown)
+                  for s in self.scenarios]
+        return "\n\n".join(parts)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> Report:
+        data = json.loads(path.read_text())
+        return cls(argv=data["argv"], intro=data["intro"],
+                   scenarios=[Scenario(**s) for s in data["scenarios"]],
+                   clients=data["clients"], missing=data["missing"],
+                   results={s: {c: [Run(**r) for r in runs] for c, runs in by.items()}
+                            for s, by in data["results"].items()})
 
 
 # ---- the command -----------------------------------------------------------------------
@@ -452,7 +490,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float,
                         help="seconds per client run (default: 900; 300 for 200k)")
     parser.add_argument("--markdown", action="store_true", help="tables for README.md")
-    parser.add_argument("--json", type=Path, help="also write every run's numbers here")
+    parser.add_argument("--json", type=Path, help="also save every run's numbers here")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="print the tables of a run saved with --json (no new run)")
     parser.add_argument("--keep", action="store_true", help="keep each run's scratch folder")
     args = parser.parse_args(argv)
     for name, known in (("scenarios", SCENARIOS), ("clients", CLIENTS)):
@@ -471,12 +511,7 @@ def chosen_scenarios(args: argparse.Namespace) -> list[Scenario]:
     return scenarios
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    clients = [CLIENTS[name] for name in args.clients.split(",")]
-    if args.setup:  # the peers of the chosen clients (all, by default)
-        return venvs.setup(sorted({c.peer for c in clients if c.peer}), args.reinstall)
+def measure(args: argparse.Namespace, argv: list[str], clients: list[Client]) -> Report:
     scenarios = chosen_scenarios(args)
     machine = machine_lines()  # the load average before this command adds to it
     scratch = Path(tempfile.mkdtemp(prefix="datagen-peers-"))
@@ -492,11 +527,24 @@ def main(argv: list[str] | None = None) -> int:
             log(f"scratch folders kept in {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
+    missing = {c.name: why for c in clients if (why := unavailable(c))}
+    return Report(argv, machine + versions(clients, results), scenarios,
+                  [c.name for c in clients], missing, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.render:
+        print(Report.load(args.render).text(args.markdown))
+        return 0
+    clients = [CLIENTS[name] for name in args.clients.split(",")]
+    if args.setup:  # the peers of the chosen clients (all, by default)
+        return venvs.setup(sorted({c.peer for c in clients if c.peer}), args.reinstall)
+    report = measure(args, argv, clients)
     if args.json:
-        args.json.write_text(json.dumps({s: {c: [asdict(r) for r in runs]
-                                             for c, runs in by.items()}
-                                         for s, by in results.items()}, indent=1))
-    print(report(argv, machine, scenarios, clients, results, args.markdown))
+        report.save(args.json)
+    print(report.text(args.markdown))
     return 0
 
 

@@ -32,15 +32,20 @@ def test_a_run_counts_texts_and_reports_a_missing_peer(no_peer_venvs: Path) -> N
 
     assert [(r.ok, r.results, r.requests) for r in results["aiohttp"]] == [(True, 12, 12)] * 2
     assert results["distilabel"] == []
-    text = peers.table(scenario, clients, results, markdown=True)
+    assert not list(scratch.iterdir())  # pools and scratch folders cleaned up
+    missing = {c.name: why for c in clients if (why := peers.unavailable(c))}
+    report = peers.Report([], ["date", "machine", "python"], [scenario],
+                          [c.name for c in clients], missing, {"tiny": results})
+    text = report.text(markdown=True)
     distilabel_row = next(line for line in text.splitlines() if line.startswith("| distilabel"))
     assert "failed" in distilabel_row and "not installed" in distilabel_row
-    assert not list(scratch.iterdir())  # pools and scratch folders cleaned up
+    report.save(no_peer_venvs / "runs.json")
+    assert peers.Report.load(no_peer_venvs / "runs.json").text(markdown=True) == text
 
 
 def test_a_short_pool_is_a_failure_not_a_result(no_peer_venvs: Path) -> None:
     run = peers.Run("x", ok=False, results=7, wall=1.0, error="7 of 12 texts")
-    row = peers.row(peers.CLIENTS["aiohttp"], [run], peers.Scenario("tiny", 0.0, 4, 12))
+    row = peers.row(peers.CLIENTS["aiohttp"], [run], peers.Scenario("tiny", 0.0, 4, 12), None)
     assert row[1] == "failed" and "7 of 12 texts" in row[-1]
 
 

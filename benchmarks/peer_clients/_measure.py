@@ -9,10 +9,11 @@ which has neither datagen nor its dependencies. A client script does::
 CPU time is user+sys of this process and of its waited-for children (peers that fork
 worker processes), measured around the run only: imports come first and are not counted.
 Peak RSS is the largest sum of VmRSS over this process and all its descendants, sampled
-every 50 ms (pages shared after a fork count once per process), and never less than this
-process's own high-water mark; ``processes`` is the most that were alive at once. While
-the run lasts, the numbers so far are written to ``--progress`` every second, so a client
-that the harness cuts off still tells how far it got.
+every 50 ms (pages shared after a fork count once per process; a process counts once it
+has lived through two samples), and never less than this process's own high-water mark;
+``processes`` is the most that were alive at once. While the run lasts, the numbers so far
+are written to ``--progress`` every second, so a client that the harness cuts off still
+tells how far it got.
 """
 
 from __future__ import annotations
@@ -83,17 +84,33 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def tree_rss(root: int) -> tuple[float, int]:
-    """RSS in MB summed over ``root`` and its descendants, and how many processes."""
-    total, todo, seen = 0, [root], set()
+def process_tree(root: int) -> set[int]:
+    found, todo = set(), [root]
     while todo:
         pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        total += _rss_kb(pid)
-        todo += _children(pid)
-    return total / 1024, len(seen)
+        if pid not in found:
+            found.add(pid)
+            todo += _children(pid)
+    return found
+
+
+def tree_rss_mb(pids: set[int]) -> float:
+    return sum(_rss_kb(pid) for pid in pids) / 1024
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def live_children_cpu() -> float:
+    """CPU seconds of descendants still running (getrusage counts only reaped ones)."""
+    me = os.getpid()
+    ticks = sum(_cpu_ticks(pid) for pid in process_tree(me) - {me})
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds() -> float:
@@ -118,11 +135,15 @@ class Sampler(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        last_write = 0.0
+        last_write, before = 0.0, {os.getpid()}
         while not self.stopped.wait(0.05):
-            rss, processes = tree_rss(os.getpid())
-            self.peak_mb = max(self.peak_mb, rss)
-            self.processes = max(self.processes, processes)
+            now_alive = process_tree(os.getpid())
+            # a process counts from its second sample on: a child caught between fork and
+            # exec would otherwise count its parent's pages twice
+            stable = now_alive & before
+            before = now_alive
+            self.peak_mb = max(self.peak_mb, tree_rss_mb(stable))
+            self.processes = max(self.processes, len(stable))
             now = time.perf_counter()
             if self.progress is not None and now - last_write >= 1.0:
                 last_write = now
@@ -130,7 +151,8 @@ class Sampler(threading.Thread):
 
     def write(self, now: float) -> None:
         assert self.progress is not None
-        partial = {"wall": now - self.started, "cpu": cpu_seconds() - self.cpu0,
+        cpu = cpu_seconds() - self.cpu0 + live_children_cpu()
+        partial = {"wall": now - self.started, "cpu": cpu,
                    "rss_mb": max(self.peak_mb, own_peak_mb()), "processes": self.processes,
                    **self.extra}
         tmp = self.progress.with_suffix(".tmp")
