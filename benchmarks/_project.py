@@ -20,10 +20,12 @@ def draft_reply(body: dict[str, Any]) -> str:
     return f"<draft>{(match.group(1) if match else 'it').capitalize()} matters.</draft>"
 
 
-def make_project(root: Path, base_url: str, **model: Any) -> Path:
+def make_project(root: Path, base_url: str, prompts: tuple[str, str] = (SYSTEM, USER),
+                 **model: Any) -> Path:
+    """``prompts``: the system and user templates; ``model``: more keys of ``model:``."""
     (root / "prompts").mkdir(parents=True, exist_ok=True)
-    (root / "prompts" / "system.txt").write_text(SYSTEM)
-    (root / "prompts" / "user.txt").write_text(USER)
+    (root / "prompts" / "system.txt").write_text(prompts[0])
+    (root / "prompts" / "user.txt").write_text(prompts[1])
     model_lines = "".join(f"  {k}: {orjson.dumps(v).decode()}\n" for k, v in model.items())
     (root / "config.yaml").write_text(
         "model:\n  provider: openai\n  model: bench\n  max_tokens: 32\n  temperature: 0\n"
