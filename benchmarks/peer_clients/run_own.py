@@ -84,11 +84,9 @@ async def run_datagen(args: argparse.Namespace) -> int:
     config = make_project(root, args.base, prompts=(jinja(SYSTEM), jinja(USER)),
                           transport=transport, rate_limit=args.rate)
     pipeline = DataGenerationPipeline(config=config, cache=False)
-    await pipeline.run(args.pool, concurrency_limit=args.concurrency, collect=False,
-                       extract_function=extract.tag("draft"))
-    files = pipeline.last_run_files
-    assert files is not None
-    return files.results.read_bytes().count(b"\n")
+    result = await pipeline.run(args.pool, concurrency_limit=args.concurrency, collect=False,
+                                extract_function=extract.tag("draft"))
+    return result.files.results.read_bytes().count(b"\n")
 
 
 def preload(variant: str) -> str:
