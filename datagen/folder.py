@@ -16,9 +16,11 @@ key neither takes gets a warning naming it, never a crash (so old configs keep w
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from datagen.errors import ConfigError
+from datagen.errors import ConfigError, DatagenError
 from datagen.pipeline import DataGenerationPipeline
 
 
@@ -59,7 +61,8 @@ class PipelineFolder:
         if fn is None:
             raise ConfigError(f"{self.path}: no data pool: add `def data_pool(pipeline, "
                               "**params)` to pipeline.py, or pass --pool FILE.jsonl")
-        return fn(self.pipeline, **_pick(fn, self.params))
+        return call_user(self.path / "pipeline.py", "data_pool()", fn, self.pipeline,
+                         **_pick(fn, self.params))
 
     @property
     def extract_function(self) -> Callable[[str], Any] | None:
@@ -73,22 +76,57 @@ class PipelineFolder:
 
     def export(self, results: Path) -> Path | None:
         fn = getattr(self.module, "export", None)
-        return Path(fn(results)) if fn is not None else None
+        if fn is None:
+            return None
+        return Path(call_user(self.path / "pipeline.py", "export()", fn, results))
+
+
+def user_code_error(path: Path, what: str, exc: BaseException) -> ConfigError:
+    """An exception from the user's pipeline.py as one clear error: what raised, where
+    (the last line of pipeline.py in the traceback), and why."""
+    line = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename) == path:
+            line = f", line {frame.lineno}"
+    return ConfigError(f"{path}{line}: {what} raised {type(exc).__name__}: {exc}")
+
+
+def call_user(path: Path, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+              ) -> Any:
+    """Call a function of pipeline.py; what it raises is one clear ConfigError."""
+    try:
+        return fn(*args, **kwargs)
+    except DatagenError:
+        raise
+    except Exception as exc:
+        raise user_code_error(path, what, exc) from exc
 
 
 def import_pipeline_module(path: Path) -> ModuleType:
-    name = f"datagen_pipeline_{abs(hash(str(path)))}"
+    """Import pipeline.py as a module registered in sys.modules (pydantic and dataclasses
+    look their module up there: a model in a ``from __future__ import annotations`` file
+    would not build otherwise)."""
+    name = f"datagen_pipeline_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     sys.path.insert(0, str(path.parent))  # so pipeline.py can import its siblings
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
+        sys.modules.pop(name, None)
         raise ConfigError(f"{path}, line {exc.lineno}: syntax error: {exc.msg}") from None
     except ImportError as exc:
+        sys.modules.pop(name, None)
         raise ConfigError(f"{path}: cannot import what it needs: {exc}") from exc
+    except DatagenError:
+        sys.modules.pop(name, None)
+        raise
+    except Exception as exc:  # a NameError, a failing top-level call: the user's code
+        sys.modules.pop(name, None)
+        raise user_code_error(path, "importing it", exc) from exc
     finally:
         sys.path.remove(str(path.parent))
     return module
@@ -119,7 +157,7 @@ def load_folder(path: str | Path = ".", **overrides: Any) -> PipelineFolder:
         for key in sorted(set(params) - set(taken) - set(pool_taken)):
             warnings.warn(f"params.{key} in {config} is not taken by build() or data_pool() "
                           f"in {script}; ignored", stacklevel=2)
-        built = build(base, **taken)
+        built = call_user(script, "build()", build, base, **taken)
         pipeline = built if built is not None else base
     elif isinstance(getattr(module, "pipeline", None), DataGenerationPipeline):
         pipeline = module.pipeline.with_overrides(**overrides) if overrides else \

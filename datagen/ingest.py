@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 import warnings
 from collections.abc import Iterator
@@ -29,9 +28,10 @@ import orjson
 
 from datagen.errors import DatagenError
 from datagen.pool import seeded_sample
+from datagen.redact import get_logger
 from datagen.tokens import count_tokens, encoding
 
-log = logging.getLogger("datagen.ingest")
+log = get_logger("datagen.ingest")
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 JSON_SUFFIXES = (".json", ".jsonl")
 DOC_SUFFIXES = (".pdf", ".docx")
@@ -175,12 +175,21 @@ def _spans(text: str, pattern: re.Pattern[str], start: int, end: int) -> list[tu
 
 
 def _split_tokens(text: str, start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """An oversized sentence in pieces of at most ``size`` tokens, cut at whitespace so no
+    word is split (a single word longer than ``size`` tokens is cut where it must be)."""
     enc = encoding()
-    tokens = enc.encode(text[start:end], disallowed_special=())
     spans, cursor = [], start
-    for i in range(0, len(tokens), size):
-        piece = enc.decode(tokens[i:i + size])
-        stop = min(end, cursor + len(piece)) if i + size < len(tokens) else end
+    while cursor < end:
+        tokens = enc.encode(text[cursor:end], disallowed_special=())
+        if len(tokens) <= size:
+            spans.append((cursor, end))
+            break
+        stop = min(end, cursor + len(enc.decode(tokens[:size])))
+        if not text[stop].isspace() and not text[stop - 1].isspace():
+            space = max(text.rfind(c, cursor, stop) for c in (" ", "\n", "\t"))
+            if space > cursor:
+                stop = space + 1  # the cut falls inside a word: cut before the word
+        stop = max(stop, cursor + 1)
         spans.append((cursor, stop))
         cursor = stop
     return spans

@@ -8,7 +8,6 @@ files) and hands it to an executor (``datagen.executors``), which runs the engin
 from __future__ import annotations
 
 import asyncio
-import logging
 import warnings
 from collections.abc import Callable, Mapping
 from os import PathLike
@@ -32,7 +31,7 @@ from datagen.steps import CallEvent, Step
 if TYPE_CHECKING:
     from datagen.streaming import RecordStream
 
-log = logging.getLogger("datagen.pipeline")
+log = redact.get_logger("datagen.pipeline")
 ExtractFunction = Callable[[str], Any]
 PromptPath = str | PathLike[str]
 

@@ -10,7 +10,6 @@ cache; one caller per model; the display.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,11 @@ from datagen.manifest import check_resume, read_manifest
 from datagen.plan import Plan
 from datagen.pool import ItemSource, Pool, checked_items, open_pool
 from datagen.progress import make_display
+from datagen.redact import get_logger
 from datagen.seen import KeyIndex
 from datagen.store import RunFiles, RunLock, read_index, repair_torn_tail
 
-log = logging.getLogger("datagen.pipeline")
+log = get_logger("datagen.pipeline")
 CACHE_FILE = ".datagen_cache.sqlite"
 
 
@@ -98,7 +98,8 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
             resume: bool | str | None, options: RunOptions, step_names: list[str],
             progress: bool | None) -> Job:
     run = settings.run
-    options.concurrency = check_concurrency(concurrency or run.concurrency_limit)
+    options.concurrency = check_concurrency(run.concurrency_limit if concurrency is None
+                                            else concurrency)
     resume = check_resume_value(run.resume if resume is None else resume)
     pool = open_pool(data_pool)
     precheck(pool, plan)

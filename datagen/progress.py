@@ -26,6 +26,8 @@ class Display(Protocol):
 
     def kinds(self, failed: dict[str, int], errors: dict[str, int]) -> None: ...
 
+    def note(self, text: str) -> None: ...
+
     def close(self, done: int, failed: int, summary: str = "") -> None: ...
 
 
@@ -55,6 +57,9 @@ class NoDisplay:
     def kinds(self, failed: dict[str, int], errors: dict[str, int]) -> None:
         return None
 
+    def note(self, text: str) -> None:
+        return None
+
     def close(self, done: int, failed: int, summary: str = "") -> None:
         return None
 
@@ -78,7 +83,7 @@ class PlainDisplay:
         self.cost: float | None = None
         self.counters = (0, 0, 0, 0)
         self.detail = ""
-        self.detail = ""
+        self._note = ""
 
     def usage(self, tokens: int, cost: float | None) -> None:
         self.tokens, self.cost = tokens, cost
@@ -88,6 +93,13 @@ class PlainDisplay:
 
     def kinds(self, failed: dict[str, int], errors: dict[str, int]) -> None:
         self.detail = by_kind("failed", failed) + by_kind("errors retried or not", errors)
+
+    def note(self, text: str) -> None:
+        """Why the run is waiting (a Retry-After pause...): said once, when it changes."""
+        if text and text != self._note:
+            self.stream.write(f"datagen {self.label}: {text}\n")
+            self.stream.flush()
+        self._note = text
 
     def _line(self, done: int, failed: int) -> str:
         of = f"/{self.total}" if self.total is not None else ""
@@ -165,6 +177,7 @@ class RichDisplay:
         self.cost: float | None = None
         self.counters = (0, 0, 0, 0)
         self.detail = ""
+        self._note = ""
 
     def start(self, total: int | None) -> None:
         self.started = time.monotonic()
@@ -195,6 +208,10 @@ class RichDisplay:
         self.detail = by_kind("failed", failed) + by_kind("errors", errors)
         self._refresh_info()
 
+    def note(self, text: str) -> None:
+        self._note = text
+        self._refresh_info()
+
     def _refresh_info(self) -> None:
         elapsed = max(1e-9, time.monotonic() - self.started)
         requests, retries, limited, hits = self.counters
@@ -206,7 +223,8 @@ class RichDisplay:
             projected = (f" (projected ${self.cost * task.total / done:.4f})"
                          if task and task.total and done else "")
             text += f", ${self.cost:.4f}{projected}"
-        self.info.plain = "  " + text + self.detail
+        self.info.plain = "  " + text + self.detail + (f"\n  {self._note}" if self._note
+                                                       else "")
 
     def close(self, done: int, failed: int, summary: str = "") -> None:
         self.update(done, failed)

@@ -11,6 +11,7 @@ passes through it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -117,3 +118,28 @@ def redact_bytes(data: bytes) -> bytes:
 def secrets() -> Iterable[str]:
     """The registered secrets (for the test kit's cassette scrubber)."""
     return tuple(_secrets)
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts a log record's message before any handler sees it (the run's log file,
+    a user's own stderr handler, pytest's capture)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _pattern is not None:
+            record.msg = redact(record.getMessage())
+            record.args = None
+            if record.exc_text:
+                record.exc_text = redact(record.exc_text)
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A datagen logger whose records are redacted at the source (a filter on a logger
+    applies to its own records only, so every datagen logger gets one)."""
+    logger = logging.getLogger(name)
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+    return logger

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
+import errno
 import os
 import re
 import time
@@ -32,7 +32,7 @@ from datagen.lock import RunLockedError
 from datagen.lock import iso_now as iso_now  # re-exported
 from datagen.seen import KeyIndex
 
-log = logging.getLogger("datagen.store")
+log = redact.get_logger("datagen.store")
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
@@ -342,7 +342,29 @@ def write_json(path: Path, data: Any) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        compact = redact.redact_bytes(orjson.dumps(data, default=_default))
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and _overwrite(path, compact):
+            return  # a full disk: the file rewritten in the space it already has
         raise write_error(path, exc) from None
 
 
-write_manifest = write_json
+def _overwrite(path: Path, payload: bytes) -> bool:
+    """Rewrite an existing file in place when ``payload`` fits in the space it already
+    holds (so no new block is needed): how a run on a full disk still records why it
+    stopped. Never torn: nothing is written unless it fits."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        if len(payload) > os.fstat(fd).st_size:
+            return False
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.ftruncate(fd, len(payload))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

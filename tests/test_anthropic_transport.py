@@ -473,7 +473,8 @@ async def test_a_body_that_is_not_json_is_a_server_error_on_both_fast_transports
     ({"message": "This model's maximum context length is 8192 tokens", "type":
       "invalid_request_error", "code": "context_length_exceeded"}, "context_window"),
     ({"message": "No auth credentials found", "code": 401}, "auth"),
-    ({"message": "bad", "type": "authentication_error"}, "auth"),
+    # no HTTP status in it: a bad request whatever its type says, as litellm reads it
+    ({"message": "bad", "type": "authentication_error"}, "bad_request"),
     ({"message": "Provider returned error", "code": 502}, "server_error"),
     # of no known type: the request's fault, as litellm reads it too
     ({"message": "upstream failed"}, "bad_request"),

@@ -12,7 +12,7 @@ Three parts, one job each:
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import signal
 from typing import Any
 
@@ -24,7 +24,7 @@ from datagen.engine.workers import WorkerPool
 from datagen.errors import DatagenError
 from datagen.result import RunResult
 
-log = logging.getLogger("datagen.engine")
+log = redact.get_logger("datagen.engine")
 __all__ = ["Job", "RunInterrupted", "RunOptions", "execute"]
 
 
@@ -63,6 +63,7 @@ async def execute(job: Job) -> RunResult:
     recorder.write_manifest("running", None)
     job.display.start(job.total)
     failure: DatagenError | None = None
+    ticker = asyncio.ensure_future(_tick(recorder))
     try:
         await pool.run()
     except DatagenError as exc:
@@ -70,6 +71,8 @@ async def execute(job: Job) -> RunResult:
     except BaseException as exc:  # cancellation, or a bug: the files stay valid
         _finish(job, recorder, "interrupted", _error_of(exc))
         raise
+    finally:
+        ticker.cancel()
     status = "failed" if failure else "interrupted" if pool.interrupts else "completed"
     manifest, closing = _finish(job, recorder, status,
                                 _error_of(failure) if failure else None)
@@ -83,6 +86,16 @@ async def execute(job: Job) -> RunResult:
             f"interrupted: {recorder.counts.succeeded} records written to "
             f"{job.files.results}; resume=True continues the run", result, pool.signal)
     return result
+
+
+async def _tick(recorder: RunRecorder) -> None:
+    """The display's counters once a second, also while nothing finishes (a Retry-After
+    pause says why the run waits, and until when)."""
+    while True:
+        await asyncio.sleep(1.0)
+        recorder.show_counters(force=True)
+        recorder.job.display.update(recorder.counts.succeeded,
+                                    recorder.counts.failed + recorder.counts.dropped)
 
 
 def _error_of(exc: BaseException) -> dict[str, str]:

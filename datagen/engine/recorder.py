@@ -5,7 +5,6 @@ which is built in this one place."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from datagen.plan import ItemState
 from datagen.steps import CallEvent
 from datagen.store import JsonlSink, dumps_line, iso_now, write_json
 
-log = logging.getLogger("datagen.engine")
+log = redact.get_logger("datagen.engine")
 
 
 @dataclass
@@ -184,6 +183,17 @@ class RunRecorder:
         display.usage(s.prompt_tokens + s.completion_tokens, s.cost_usd)
         display.calls(s.requests, s.retries, s.rate_limited, s.cache_hits)
         display.kinds(dict(self.counts.failed_by_kind), dict(s.errors_by_kind))
+        display.note(self.waiting())
+
+    def waiting(self) -> str:
+        """Why requests are held back now, and until when (a Retry-After pause)."""
+        for caller in self.job.callers:
+            limits = caller.throttle.limits
+            left = limits.paused_for()
+            if left > 0:
+                until = time.strftime("%H:%M:%S", time.localtime(time.time() + left))
+                return f"waiting until {until} ({left:.0f} s): {limits.pause_reason}"
+        return ""
 
     def summary(self) -> str:
         c, s = self.counts, self.stats()

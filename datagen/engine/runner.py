@@ -9,7 +9,6 @@ template raises, and the worker pool stops the run.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,10 +20,11 @@ from datagen.llm.errors import CallError
 from datagen.llm.types import ChatRequest, Completion, request_identity
 from datagen.plan import ItemState, StepRuntime
 from datagen.pool import PoolItem
+from datagen.redact import get_logger
 from datagen.steps import CallEvent
 from datagen.usercode import UserCodeError, call_user
 
-log = logging.getLogger("datagen.engine")
+log = get_logger("datagen.engine")
 
 
 class StepFailed(Exception):

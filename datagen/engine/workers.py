@@ -12,16 +12,16 @@ resumed.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable
 
-from datagen.errors import OutputError, RunAbortedError
+from datagen.errors import RunAbortedError
 from datagen.pool import ItemSource, PoolItem
+from datagen.redact import get_logger
 from datagen.seen import KeyIndex
 
-log = logging.getLogger("datagen.engine")
+log = get_logger("datagen.engine")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -55,10 +55,11 @@ class WorkerPool:
                 if not faults:
                     continue
                 self.stopping = True
-                if isinstance(faults[0], (RunAbortedError, OutputError)):
+                if isinstance(faults[0], RunAbortedError):
                     for task in pending:  # no retry can help: stop paying now
                         task.cancel()
-                # otherwise (a bad item or template) the others finish what they hold
+                # otherwise (a bad item or template, a full disk) the others finish what
+                # they hold: those answers are paid for already, and reach the cache
                 await asyncio.gather(*pending, return_exceptions=True)
                 raise faults[0]  # type: ignore[misc]
         finally:

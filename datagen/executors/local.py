@@ -4,14 +4,13 @@ the run lock)."""
 
 from __future__ import annotations
 
-import logging
-
 from datagen.engine import execute
 from datagen.engine.job import Job
+from datagen.redact import get_logger
 from datagen.result import RunResult
 from datagen.runlog import RunLog
 
-log = logging.getLogger("datagen.pipeline")
+log = get_logger("datagen.pipeline")
 
 
 async def run_local(job: Job) -> RunResult:

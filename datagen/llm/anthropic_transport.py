@@ -22,7 +22,6 @@ fails with ``bad_request``.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from functools import lru_cache
@@ -34,9 +33,9 @@ from datagen.llm.errors import CallError, kind_for_error_type, kind_for_status, 
 from datagen.llm.ratelimits import from_anthropic_headers
 from datagen.llm.types import ChatRequest, Completion, RateLimitInfo, Usage
 from datagen.llm.wire import field_of, load_object, malformed, post, preview, token_count
-from datagen.redact import redact
+from datagen.redact import get_logger, redact
 
-log = logging.getLogger("datagen.llm")
+log = get_logger("datagen.llm")
 
 ANTHROPIC_URL = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"
@@ -83,12 +82,15 @@ _warned: set[str] = set()
 def messages_url(base_url: str | None) -> str:
     """``{base}/v1/messages``; ``base`` may be given with or without ``/v1`` (or the
     whole ``/v1/messages``)."""
-    root = (base_url or ANTHROPIC_URL).rstrip("/")
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(base_url or ANTHROPIC_URL)
+    root = parts.path.rstrip("/")
     for suffix in ("/v1/messages", "/v1"):
         if root.endswith(suffix):
             root = root[: -len(suffix)]
             break
-    return root + "/v1/messages"
+    return urlunsplit(parts._replace(path=root + "/v1/messages"))
 
 
 # ---- request ---------------------------------------------------------------------------

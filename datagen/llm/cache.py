@@ -20,7 +20,6 @@ repeated in one pool and ``samples=N`` are told apart automatically.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import threading
 import time
@@ -31,8 +30,9 @@ import orjson
 
 from datagen.errors import OutputError
 from datagen.llm.types import Completion, Usage
+from datagen.redact import get_logger, redact_bytes
 
-log = logging.getLogger("datagen.llm")
+log = get_logger("datagen.llm")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,
@@ -98,11 +98,11 @@ class ResponseCache:
 
     def put(self, key: str, completion: Completion) -> None:
         self._raise_writer_error()
-        value = orjson.dumps({
+        value = redact_bytes(orjson.dumps({  # a secret echoed in an answer stays out too
             "text": completion.text, "finish_reason": completion.finish_reason,
             "prompt_tokens": completion.usage.prompt_tokens,
             "completion_tokens": completion.usage.completion_tokens, "model": completion.model,
-        })
+        }))
         with self._lock:
             self._pending[key] = value
         self._wake.set()

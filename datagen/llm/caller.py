@@ -4,7 +4,6 @@ the retries of what can be retried."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,11 +12,12 @@ from typing import TYPE_CHECKING, Protocol
 from datagen.llm.errors import CallError
 from datagen.llm.throttle import Estimate, Throttle
 from datagen.llm.types import ChatRequest, Completion
+from datagen.redact import get_logger
 
 if TYPE_CHECKING:
     from datagen.llm.cache import ResponseCache
 
-log = logging.getLogger("datagen.llm")
+log = get_logger("datagen.llm")
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 

@@ -17,10 +17,18 @@ from typing import Any
 
 import orjson
 
-from datagen.llm.errors import CallError, kind_for_error_type, kind_for_status, parse_retry_after
+from datagen.llm.errors import CallError, kind_for_status, parse_retry_after
 from datagen.llm.ratelimits import from_openai_headers
 from datagen.llm.types import ChatRequest, Completion, RateLimitInfo, Usage
-from datagen.llm.wire import field_of, load_object, malformed, post, preview, token_count
+from datagen.llm.wire import (
+    field_of,
+    join_url,
+    load_object,
+    malformed,
+    post,
+    preview,
+    token_count,
+)  # fmt: skip
 from datagen.redact import redact
 
 # litellm provider -> (OpenAI-compatible base URL, environment variable with its key)
@@ -74,20 +82,15 @@ def _classify(status: int, raw: bytes, headers: Any,
 
 def _in_band_error(error: Any, rate_limits: RateLimitInfo | None) -> CallError:
     """A 200 whose body is ``{"error": ...}`` (OpenRouter and some proxies answer so):
-    classified from the error's code or type as its HTTP status would be."""
+    classified by the HTTP status its ``code`` names, else as a bad request (refined by
+    the message: a context overflow, a content filter) - as litellm classifies it, so both
+    transports agree on every answer."""
     message, code = _error_fields(error)
     status = None
-    if isinstance(error, dict):
-        number = error.get("code")
-        if isinstance(number, int) and not isinstance(number, bool) and 400 <= number < 600:
-            status = number
-        kind = kind_for_error_type(error.get("code")) or kind_for_error_type(error.get("type"))
-    else:
-        kind = None
-    if kind is None:
-        # an error of no known type or status reported in a 200: the request's fault, as
-        # litellm classifies it too (both transports agree on every answer)
-        kind = kind_for_status(status) if status is not None else "bad_request"
+    number = error.get("code") if isinstance(error, dict) else None
+    if isinstance(number, int) and not isinstance(number, bool) and 400 <= number < 600:
+        status = number
+    kind = kind_for_status(status) if status is not None else "bad_request"
     return CallError(_refine(kind, message, code),
                      redact(f"{status or 200} (error in the body): {message}"), status,
                      None, rate_limits)
@@ -159,9 +162,9 @@ class OpenAITransport:
     def __init__(self, provider: str, base_url: str | None, api_key: str | None,
                  pool_size: int = 64, headers: dict[str, str] | None = None) -> None:
         default_url, key_env = OPENAI_COMPATIBLE.get(provider, OPENAI_COMPATIBLE["openai"])
-        root = (base_url or default_url).rstrip("/")
-        self.url = root + "/chat/completions"
-        self.completions_url = root + "/completions"  # text completion, for base models
+        root = base_url or default_url
+        self.url = join_url(root, "/chat/completions")
+        self.completions_url = join_url(root, "/completions")  # text completion: base models
         key = api_key or os.environ.get(key_env)
         self._headers = {"Content-Type": "application/json", **(headers or {})}
         if key:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import math
 import threading
 import time
@@ -31,7 +30,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-log = logging.getLogger("datagen.llm")
+from datagen.redact import get_logger
+
+log = get_logger("datagen.llm")
 
 # Grants are spaced so that any cap+1 consecutive ones span the window plus this margin:
 # the time between our grant and the request reaching the server varies by a few

@@ -21,6 +21,16 @@ from datagen.redact import redact
 _PREVIEW = 120
 
 
+def join_url(base: str, path: str) -> str:
+    """``base`` + ``path``, keeping a query of the base at the end (``https://host/v1?key=x``
+    + ``/chat/completions`` -> ``https://host/v1/chat/completions?key=x``: gateways and
+    Azure-style endpoints put a version or a key there)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
+
+
 def preview(value: Any) -> str:
     """A short, printable form of a value, for error messages."""
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else repr(value)

@@ -32,6 +32,10 @@ def recording_requested() -> bool:
 
 
 def _scrub_request(request: Any) -> Any:
+    for name in list(getattr(request, "headers", {}) or {}):
+        value = request.headers[name]
+        if isinstance(value, str):  # a credential in a header of any name
+            request.headers[name] = redact(value)
     body = request.body
     if isinstance(body, bytes):
         request.body = redact(body.decode("utf-8", "replace")).encode("utf-8")

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from datagen.testing.fake_server import FakeReply, completion_body
+from datagen.testing.fake_replies import FakeReply, completion_body
 
 if TYPE_CHECKING:
-    from datagen.testing.fake_batch_jobs import Job
+    from datagen.testing.fake_batch_records import Job
 
 MB = 1024 * 1024
 CHAT = "/v1/chat/completions"
