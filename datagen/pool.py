@@ -70,7 +70,8 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 def _problem(value: Any, path: str, depth: int) -> str | None:
     """What keeps ``value`` from being a JSON value, naming the field; None if nothing."""
     if depth > MAX_DEPTH:
-        return f"{path or 'the item'} is nested deeper than {MAX_DEPTH} levels"
+        top = ".".join(path.split(".")[:2])
+        return f"field {top} is nested deeper than {MAX_DEPTH} levels: flatten it"
     if isinstance(value, float) and not math.isfinite(value):
         return (f"field {path} is {value!r}: JSON has no NaN or infinity; use null or a "
                 "number")

@@ -138,6 +138,164 @@ def _raise(text: str) -> Any:
     raise ZeroDivisionError("division by zero")
 
 
+def _with_config(c: Case, old: str, new: str) -> str:
+    c.cfg.write_text(c.cfg.read_text().replace(old, new))
+    return error_of(lambda: DataGenerationPipeline(config=c.cfg))
+
+
+def _run_with(pool_edit: Callable[[list[Any]], None]) -> Callable[[Case], str]:
+    def case(c: Case) -> str:
+        pool = make_pool(5)
+        pool_edit(pool)
+        return error_of(lambda: c.pipe().run_sync(pool))
+    return case
+
+
+def _set_topic(value: Any) -> Callable[[list[Any]], None]:
+    def edit(pool: list[Any]) -> None:
+        pool[3]["user_prompt_kwargs"]["topic"] = value
+    return edit
+
+
+def _deep(n: int) -> Any:
+    value: Any = "x"
+    for _ in range(n):
+        value = {"k": value}
+    return value
+
+
+def _second_writer(c: Case) -> str:
+    from datagen.lock import RunLock
+
+    result = c.pipe().run_sync(make_pool(1))
+    before = c.server.request_count
+    with RunLock(result.files.lock):  # a live run holds it
+        message = error_of(lambda: c.pipe().run_sync(make_pool(3), resume=True))
+    assert c.server.request_count == before
+    return message
+
+
+def _malformed(c: Case) -> str:
+    from datagen.testing import FakeReply
+
+    c.server.responder = lambda body: FakeReply(body={"choices": ["hello"]})
+    return failure_of(c.pipe(), make_pool(1))
+
+
+def _slow(text: str) -> str:
+    import time
+
+    time.sleep(5)
+    return text
+
+
+def _cli(c: Case, *args: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "datagen.cli", *args], capture_output=True,
+                          text=True, cwd=c.tmp, timeout=120)
+    assert done.returncode == 2, done.stderr
+    return done.stderr
+
+
+def _folder(c: Case, code: str) -> str:
+    folder = c.tmp / "pipe"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(c.cfg.read_text().replace(
+        "prompts/", str(c.tmp / "prompts") + "/"))
+    (folder / "pipeline.py").write_text(code)
+    return _cli(c, "run", str(folder))
+
+
+def _retry_after_cap(c: Case) -> str:
+    from datagen.testing import FakeReply
+
+    calls = []
+
+    def day(body: dict[str, Any]) -> Any:
+        calls.append(1)
+        return FakeReply(status=429, headers={"Retry-After": "86400"}) if len(calls) == 1 \
+            else topic_draft(body)
+
+    c.server.responder = day
+    result = c.pipe(max_retry_after=0.2, max_retries=1).run_sync(make_pool(1))
+    return result.files.log.read_text()
+
+
+def _disk_full(c: Case) -> str:
+    import errno
+
+    from datagen.store import JsonlSink
+
+    class Full:
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None:
+            return None
+
+        def close(self) -> None:
+            return None
+
+    real = JsonlSink.write_line
+
+    def full(self: JsonlSink, line: bytes) -> bytes:
+        if self.path.name.startswith("demo_") and self.path.name.count("_") == 2:
+            self._fh = Full()  # type: ignore[assignment]
+        return real(self, line)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(JsonlSink, "write_line", full)
+        return error_of(lambda: c.pipe().run_sync(make_pool(2)))
+
+
+def _steps(c: Case, **step: Any) -> str:
+    def build() -> Any:
+        p = DataGenerationPipeline(config=c.cfg, base_url=c.server.base_url)
+        p.step("first", prompt="user.txt")
+        return p.step(**{"name": "second", "prompt": "user.txt", **step})
+    return error_of(build)
+
+
+def _resume_elsewhere(c: Case) -> str:
+    c.pipe().run_sync(make_pool(1))
+    with FakeOpenAIServer(responder=topic_draft) as other:
+        p = DataGenerationPipeline(config=c.cfg, base_url=other.base_url)
+        message = error_of(lambda: p.run_sync(make_pool(2), resume=True))
+        assert other.request_count == 0
+    return message
+
+
+def _raising_pool(c: Case) -> str:
+    def items() -> Any:
+        yield from make_pool(2)
+        raise ValueError("the database went away")
+    return error_of(lambda: c.pipe().run_sync(items(), concurrency_limit=1))
+
+
+def _single_brace(c: Case) -> str:
+    (c.tmp / "prompts" / "user.txt").write_text("Write about {topic} in about "
+                                                "{{ word_count }}.\n")
+    return error_of(lambda: c.pipe().run_sync(make_pool(2)))
+
+
+def _format_missing(c: Case) -> str:
+    (c.tmp / "prompts" / "user.txt").write_text("Write about {topic} in {words}.\n")
+    (c.tmp / "prompts" / "system.txt").write_text("Be {tone}.\n")
+    return error_of(lambda: c.pipe(syntax="format").run_sync(make_pool(2)))
+
+
+def _empty_prompt(c: Case) -> str:
+    (c.tmp / "prompts" / "user.txt").write_text("  \n")
+    return error_of(lambda: DataGenerationPipeline(config=c.cfg))
+
+
+def _yaml_twice(c: Case) -> str:
+    c.cfg.write_text(c.cfg.read_text() + "model:\n  provider: openai\n  model: other\n")
+    return error_of(lambda: DataGenerationPipeline(config=c.cfg))
+
+
 CASES: dict[str, Callable[[Case], str]] = {
     "config file missing": lambda c: error_of(
         lambda: DataGenerationPipeline(config=c.tmp / "nope.yaml")),
@@ -166,12 +324,94 @@ CASES: dict[str, Callable[[Case], str]] = {
     "invalid API key (401)": _api_key_401,
     "model not found (404)": _not_found_404,
     "resume after the templates changed": _resume_changed,
+    "`base_url` that is not an http(s) URL": lambda c: error_of(
+        lambda: DataGenerationPipeline(config=c.cfg, base_url="localhost:8000/v1")),
+    "`base_url` with a space in it": lambda c: error_of(
+        lambda: DataGenerationPipeline(config=c.cfg, base_url="http://127.0.0.1:8000/v1 ")),
+    "`api_key` with a trailing newline or space": lambda c: error_of(
+        lambda: c.pipe(api_key="sk-live-key-123456\r")),
+    "a key written twice in config.yaml": _yaml_twice,
+    "`concurrency_limit` 0 or negative": lambda c: error_of(
+        lambda: c.pipe().run_sync(make_pool(1), concurrency_limit=0)),
+    "`concurrency_limit` in the millions": lambda c: error_of(
+        lambda: c.pipe().run_sync(make_pool(1), concurrency_limit=10**6)),
+    "`rate_limit: .inf`": lambda c: _with_config(c, "  max_tokens: 64\n",
+                                                 "  max_tokens: 64\n  rate_limit: .inf\n"),
+    "`timeout` 0 or negative": lambda c: error_of(lambda: c.pipe(timeout=0)),
+    "`max_retries` negative": lambda c: error_of(lambda: c.pipe(max_retries=-1)),
+    "`config=` a folder": lambda c: error_of(lambda: DataGenerationPipeline(config=c.tmp)),
+    "empty prompt file": _empty_prompt,
+    "`experiment_name` with a path separator": lambda c: error_of(
+        lambda: c.pipe(experiment_name="runs/a")),
+    "`experiment_name` of 300 characters": lambda c: error_of(
+        lambda: c.pipe(experiment_name="x" * 300)),
+    "`experiment_name` with a NUL or newline": lambda c: error_of(
+        lambda: c.pipe(experiment_name="a\x00b")),
+    "unknown key in a named model": lambda c: _with_config(
+        c, "run:\n", "models:\n  big:\n    modle: gpt-4.1\nrun:\n"),
+    "unknown prompt syntax": lambda c: error_of(lambda: c.pipe(syntax="mustache")),
+    "transport that cannot serve the provider": lambda c: error_of(
+        lambda: c.pipe(transport="anthropic").run_sync(make_pool(1))),
+    "`resume` neither true, false nor force": lambda c: error_of(
+        lambda: c.pipe().run_sync(make_pool(1), resume="yes")),
+    "unknown executor": lambda c: error_of(
+        lambda: c.pipe().run_sync(make_pool(1), executor="spark")),
+    "item with a key that is not a string": _run_with(_set_topic({1: "a"})),
+    "item with bytes": _run_with(_set_topic(b"raw")),
+    "item with NaN": _run_with(_set_topic(float("nan"))),
+    "item nested deeper than JSON allows": _run_with(_set_topic(_deep(300))),
+    "item with an object that is not JSON": _run_with(_set_topic(object())),
+    "a generator pool that raises": _raising_pool,
+    "a second process writing the same run": _second_writer,
+    "an answer the transport cannot read": _malformed,
+    "extractor that hangs": lambda c: failure_of(c.pipe(user_code_timeout=0.2), make_pool(1),
+                                                 extract_function=_slow),
+    "`Retry-After` longer than `max_retry_after`": _retry_after_cap,
+    "the disk fills up": _disk_full,
+    "single-brace `{name}` in a jinja prompt": _single_brace,
+    "`{name}` an item lacks (`syntax: format`)": _format_missing,
+    "resume against another server": _resume_elsewhere,
+    "step `model=` not in `models:`": lambda c: _steps(c, model="huge"),
+    "step name that is not an identifier": lambda c: _steps(c, name="my-step"),
+    "two steps with one name": lambda c: _steps(c, name="first"),
+    "step `samples=0`": lambda c: _steps(c, samples=0),
+    "step `mode` neither chat nor completion": lambda c: _steps(c, mode="stream"),
+    "step `prompt=[]`": lambda c: _steps(c, prompt=[]),
+    "`extract_function` on a multi-step pipeline": lambda c: error_of(
+        lambda: c.pipe().step("only", prompt="user.txt").run_sync(
+            [{"topic": "a", "word_count": "1"}], extract_function=str)),
+    "NameError in `pipeline.py`": lambda c: _folder(
+        c, "def build(pipeline):\n    return pipeline\nx = undefined_thing\n"),
+    "`data_pool()` that raises": lambda c: _folder(
+        c, "def build(pipeline):\n    return pipeline\n"
+           "def data_pool(pipeline):\n    raise ValueError('no input folder')\n"),
+    "`build()` that raises": lambda c: _folder(
+        c, "def build(pipeline):\n    raise RuntimeError('the input folder is not mounted')\n"),
+    "`--max-failure-rate` outside 0-1": lambda c: _cli(c, "run", "--max-failure-rate", "-5"),
+    "`--limit` below 1": lambda c: _cli(c, "run", "--limit", "-1"),
+}
+
+
+# Rows where something is sent or written on purpose; every other row must be caught
+# before any request and before any run file exists.
+ITEM_LEVEL = {  # the run goes on: a line in the failures file (checked by failure_of)
+    "extractor that raises", "`parse_response` value not serialisable",
+    "an answer the transport cannot read", "extractor that hangs",
+}
+AFTER_A_RUN = {  # the case makes a run first, then checks that the refusal sent nothing
+    "resume after the templates changed", "resume against another server",
+    "a second process writing the same run",
+}
+SENDS = {  # the fault is only known from an answer, or is about writing one
+    "invalid API key (401)", "model not found (404)", "the disk fills up",
+    "`Retry-After` longer than `max_retry_after`", "empty pool", "local model not installed",
+    "a generator pool that raises",
 }
 
 
 def test_every_readme_row_has_a_case() -> None:
     rows = readme_rows()
-    assert len(rows) >= 15
+    assert len(rows) >= 60
     assert set(rows) == set(CASES)
 
 
@@ -184,6 +424,11 @@ def test_bad_input_gets_the_documented_message(label: str, tmp_path: Path,
     monkeypatch.delenv("DG_NOT_SET_ANYWHERE", raising=False)
     with FakeOpenAIServer(responder=topic_draft) as server:
         actual = CASES[label](Case(tmp_path, server))
+        sent = server.request_count
+    if label not in ITEM_LEVEL | AFTER_A_RUN | SENDS:  # caught before anything happened
+        assert sent == 0, f"{label}: {sent} request(s) sent"
+        written = [p for p in tmp_path.rglob("*.jsonl") if p.parent.name == "output"]
+        assert not written, f"{label}: run files written: {written}"
     documented = readme_rows()[label]
     flat = " ".join(actual.split())  # a table row is one line; messages may have several
     pattern = ".*?".join(re.escape(" ".join(part.split())) for part in documented.split("…"))

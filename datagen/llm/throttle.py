@@ -210,7 +210,7 @@ class EndpointLimits:
         """Hold every worker for ``seconds`` (capped); returns the pause taken."""
         cap = self.spec.max_retry_after
         if seconds > cap:
-            log.warning("%s asked for a pause of %.0f s (%s); waiting %.0f s, the "
+            log.warning("%s asked for a pause of %g s (%s); waiting %g s, the "
                         "model.max_retry_after cap", self.name, seconds, reason, cap)
             seconds = cap
         until = time.monotonic() + seconds
