@@ -27,6 +27,9 @@ def import_litellm() -> ModuleType:
 
     litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stderr
     litellm.telemetry = False
+    from datagen.llm.litellm_quiet import quiet_litellm
+
+    quiet_litellm(litellm)  # flat memory: no logging job queued per call (see there)
     return litellm
 
 
