@@ -32,7 +32,15 @@ import orjson
 from datagen.llm.errors import CallError, kind_for_error_type, kind_for_status, parse_retry_after
 from datagen.llm.ratelimits import from_anthropic_headers
 from datagen.llm.types import ChatRequest, Completion, RateLimitInfo, Usage
-from datagen.llm.wire import field_of, load_object, malformed, post, preview, token_count
+from datagen.llm.wire import (
+    field_of,
+    load_object,
+    malformed,
+    open_session,
+    post,
+    preview,
+    token_count,
+)  # fmt: skip
 from datagen.redact import get_logger, redact
 
 log = get_logger("datagen.llm")
@@ -316,13 +324,8 @@ class AnthropicTransport:
         self._session: Any = None
 
     def _open(self) -> Any:
-        import aiohttp
-
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.pool_size,
-                                             limit_per_host=self.pool_size,
-                                             ttl_dns_cache=300, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+            self._session = open_session(self.pool_size, self._headers)
         return self._session
 
     def _target(self, request: ChatRequest) -> tuple[str, dict[str, str] | None]:

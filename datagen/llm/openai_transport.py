@@ -25,6 +25,7 @@ from datagen.llm.wire import (
     join_url,
     load_object,
     malformed,
+    open_session,
     post,
     preview,
     token_count,
@@ -173,15 +174,8 @@ class OpenAITransport:
         self._session: Any = None
 
     def _open(self) -> Any:
-        import aiohttp
-
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.pool_size,
-                                             limit_per_host=self.pool_size,
-                                             ttl_dns_cache=300, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers,
-                                                  json_serialize=lambda o: orjson.dumps(
-                                                      o).decode())
+            self._session = open_session(self.pool_size, self._headers)
         return self._session
 
     def _body(self, request: ChatRequest) -> bytes:

@@ -21,6 +21,7 @@ Every attempt goes through :meth:`Throttle.slot`, in this order:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import math
 import threading
@@ -57,22 +58,53 @@ class RateSpec:
     margin: float = SEND_JITTER_MARGIN_S["fast"]
 
 
+class Send:
+    """The moment one request went out: first when the window let it go, moved later when
+    the transport reports the request written (or, for a process's first request on a
+    transport that cannot report it, when its answer came back)."""
+
+    __slots__ = ("at", "written")
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.written = False
+
+    def sent(self, at: float) -> None:
+        self.at = max(self.at, at)
+        self.written = True
+
+
+# The Send of the request this task is making, for the transport's "written" hook.
+SENDING: contextvars.ContextVar[Send | None] = contextvars.ContextVar("datagen_sending",
+                                                                     default=None)
+
+
+def mark_sent() -> None:
+    """Called by a transport the moment its request is written (aiohttp's trace hook)."""
+    send = SENDING.get()
+    if send is not None:
+        send.sent(time.monotonic())
+
+
 class RateWindow:
-    """At most ``count`` grants in any ``window`` seconds, spaced at least ``spacing``.
+    """At most ``count`` requests in any ``window`` seconds, spaced at least ``spacing``.
 
     Written by hand because a token bucket (aiolimiter's ``AsyncLimiter``) cannot give
     this guarantee at small rates: a bucket of capacity c leaking at r lets c + r requests
     into one second, so either c is 0 (impossible) or the cap is exceeded, or r is cut far
     below the cap (measured with aiolimiter: 6 in one second at a cap of 5, 201-202 at
-    200). A sliding log of the last ``count`` grant times gives the exact bound. A grant
-    is a *reservation* of a moment: thread-safe and loop-free, so every event loop of the
-    process shares it.
+    200). A sliding log of the last ``count`` send moments gives the exact bound.
+
+    Two stages, both thread-safe and loop-free (every event loop of the process shares
+    one window): a *reservation* spreads waiters over time without waking them all at
+    once; *settling* checks the bound again against the moments requests really went out
+    (a waiter woken late must not go together with the next ones).
     """
 
     def __init__(self, count: int, window: float, spacing: float, margin: float) -> None:
         self.count, self.window, self.spacing, self.margin = count, window, spacing, margin
         self._grants: deque[float] = deque(maxlen=count)  # reserved moments
-        self._sent: deque[float] = deque(maxlen=count)  # moments requests really went
+        self._sent: deque[Send] = deque(maxlen=count)  # moments requests really went
         self._lock = threading.Lock()
 
     @classmethod
@@ -97,31 +129,29 @@ class RateWindow:
             self._grants.append(at)
             return at
 
-    def settle(self, now: float) -> float:
-        """After the wait for a reservation: 0 to send now (recorded), or how much longer
-        to wait. The bound is checked again on the moments requests really go: a waiter
-        the event loop woke late (tens of milliseconds on a loaded machine) must not send
-        together with the next ones, whose time has come too. Reservations spread the
-        waiters out; this makes the bound exact."""
+    def settle(self, now: float) -> tuple[float, Send | None]:
+        """After the wait for a reservation: (0, its Send) to go now, or (how much longer
+        to wait, None)."""
         with self._lock:
             wait = 0.0
             if self._sent:
-                wait = self._sent[-1] + 0.7 * self.spacing - now
+                wait = self._sent[-1].at + 0.7 * self.spacing - now
             if len(self._sent) == self.count:
-                wait = max(wait, self._sent[0] + self.window + self.margin - now)
+                wait = max(wait, self._sent[0].at + self.window + self.margin - now)
             if wait > 0:
-                return wait
-            self._sent.append(now)
-            return 0.0
+                return wait, None
+            send = Send(now)
+            self._sent.append(send)
+            return 0.0, send
 
     def adopt(self, other: RateWindow) -> None:
-        """Keep the grants of the window this one replaces (a changed config), so the
+        """Keep the moments of the window this one replaces (a changed config), so the
         bound holds across the change."""
         with self._lock:
             for stamp in list(other._grants)[-self.count:]:
                 self._grants.append(stamp)
-            for stamp in list(other._sent)[-self.count:]:
-                self._sent.append(stamp)
+            for send in list(other._sent)[-self.count:]:
+                self._sent.append(send)
 
 
 class TokenBudget:
@@ -175,13 +205,16 @@ class Estimate:
 class EndpointLimits:
     """The process-wide budget of one endpoint: request window, token budgets, pause."""
 
-    def __init__(self, name: str, spec: RateSpec) -> None:
+    def __init__(self, name: str, spec: RateSpec, probe: bool = True) -> None:
         self.name = name
         self.spec = spec
         self.window: RateWindow | None = None
         self.tokens: dict[str, TokenBudget] = {}
         self.paused_until = 0.0  # time.monotonic() deadline shared by every worker
         self.pause_reason = ""
+        self._cold = probe  # no request has gone out in this process yet
+        self._probe: Send | None = None  # the first one, until it is written or answered
+        self._probe_deadline = 0.0
         self._configure(spec)
 
     def _configure(self, spec: RateSpec) -> None:
@@ -224,18 +257,15 @@ class EndpointLimits:
     def paused_for(self) -> float:
         return max(0.0, self.paused_until - time.monotonic())
 
-    async def wait_turn(self, estimate: Estimate | None = None) -> None:
-        """Wait for the pause, the request window and the token budgets."""
+    async def wait_turn(self, estimate: Estimate | None = None) -> Send | None:
+        """Wait for the pause, the request window and the token budgets; the request's
+        Send (None without a request window)."""
+        send = None
         while True:
             while (remaining := self.paused_for()) > 0:
                 await asyncio.sleep(remaining)
             if self.window is not None:
-                now = time.monotonic()
-                at = self.window.reserve(now)
-                if at > now:
-                    await asyncio.sleep(at - now)
-                while (extra := self.window.settle(time.monotonic())) > 0:
-                    await asyncio.sleep(extra)
+                send = await self._window_turn(self.window)
                 if self.paused_for() > 0:  # a 429 arrived while we waited: wait again
                     continue
             break
@@ -243,6 +273,41 @@ class EndpointLimits:
             wait = max(self._take(kind, estimate) for kind in self.tokens)
             if wait > 0:
                 await asyncio.sleep(wait)
+        return send
+
+    async def _probe_out(self) -> None:
+        """The process's first request to an endpoint goes alone, until it is written
+        (or answered, or 2 s passed): it may wait on imports and a new connection between
+        our grant and the wire, and the window must count it from when it really went."""
+        while (probe := self._probe) is not None and not probe.written and \
+                time.monotonic() < self._probe_deadline:
+            await asyncio.sleep(0.002)
+        self._probe = None
+
+    async def _window_turn(self, window: RateWindow) -> Send:
+        await self._probe_out()
+        now = time.monotonic()
+        at = window.reserve(now)
+        if at > now:
+            await asyncio.sleep(at - now)
+        while True:
+            await self._probe_out()
+            extra, send = window.settle(time.monotonic())
+            if send is not None:
+                break
+            await asyncio.sleep(extra)
+        if self._cold:
+            self._cold, self._probe = False, send
+            self._probe_deadline = time.monotonic() + 2.0
+        return send
+
+    def done(self, send: Send | None) -> None:
+        """A request's attempt is over (answered or failed). The first one of the process,
+        on a transport that cannot say when it wrote it, counts from its answer."""
+        if send is not None and send is self._probe:
+            if not send.written:
+                send.sent(time.monotonic())
+            self._probe = None
 
     def _take(self, kind: str, estimate: Estimate) -> float:
         amount = {"total": estimate.total, "input": estimate.prompt,
@@ -346,7 +411,7 @@ class Throttle:
                  tokens_per_minute: float | None = None, concurrency: int | None = None,
                  limits: EndpointLimits | None = None) -> None:
         self.limits = limits or EndpointLimits("endpoint", RateSpec(
-            requests_per_second, requests_per_minute, tokens_per_minute))
+            requests_per_second, requests_per_minute, tokens_per_minute), probe=False)
         self.concurrency = AdaptiveConcurrency(concurrency) if concurrency else None
 
     @property
@@ -362,8 +427,8 @@ class Throttle:
         if self.concurrency is not None:
             self.concurrency.rate_limited()
 
-    async def wait_turn(self, estimate: Estimate | None = None) -> None:
-        await self.limits.wait_turn(estimate)
+    async def wait_turn(self, estimate: Estimate | None = None) -> Send | None:
+        return await self.limits.wait_turn(estimate)
 
     def used_tokens(self, estimate: Estimate, prompt: int, completion: int) -> None:
         self.limits.used(estimate, prompt, completion)
@@ -373,9 +438,14 @@ class Throttle:
         """Hold a concurrency slot for one attempt, after waiting for the limits."""
         if self.concurrency is not None:
             await self.concurrency.acquire()
+        send, token = None, None
         try:
-            await self.wait_turn(estimate)
+            send = await self.wait_turn(estimate)
+            token = SENDING.set(send)
             yield
         finally:
+            if token is not None:
+                SENDING.reset(token)
+            self.limits.done(send)
             if self.concurrency is not None:
                 await self.concurrency.release()

@@ -21,6 +21,25 @@ from datagen.redact import redact
 _PREVIEW = 120
 
 
+def open_session(pool_size: int, headers: Mapping[str, str]) -> Any:
+    """The fast transports' pooled aiohttp session. Its trace hook tells the rate window
+    the moment each request is written (so a request that waited on a new connection, or
+    on the event loop, counts from when it really went out)."""
+    import aiohttp
+
+    from datagen.llm.throttle import mark_sent
+
+    async def written(session: Any, context: Any, params: Any) -> None:
+        mark_sent()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(written)
+    connector = aiohttp.TCPConnector(limit=pool_size, limit_per_host=pool_size,
+                                     ttl_dns_cache=300, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(connector=connector, headers=dict(headers),
+                                 trace_configs=[trace])
+
+
 def join_url(base: str, path: str) -> str:
     """``base`` + ``path``, keeping a query of the base at the end (``https://host/v1?key=x``
     + ``/chat/completions`` -> ``https://host/v1/chat/completions?key=x``: gateways and

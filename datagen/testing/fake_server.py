@@ -221,9 +221,12 @@ class FakeOpenAIServer(ThreadedServer):
         from aiohttp import web
 
         window = float(request.query.get("window", "1.0"))
+        with self._lock:
+            span = (max(self.arrivals) - min(self.arrivals)) if self.arrivals else 0.0
         return web.json_response({"requests": self.request_count,
                                   "max_in_window": self.max_in_window(window),
-                                  "max_in_flight": self.max_in_flight})
+                                  "max_in_flight": self.max_in_flight,
+                                  "span_s": span})
 
     async def _reset(self, request: Any) -> Any:
         from aiohttp import web
