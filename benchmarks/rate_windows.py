@@ -45,7 +45,7 @@ def child(base: str, case: str, transport: str) -> None:
     from benchmarks._project import make_pool, make_project
     from datagen import DataGenerationPipeline
 
-    cap, items, keys, runs, overlapping = CASES[case]
+    _, items, keys, runs, overlapping = CASES[case]
     root = Path(tempfile.mkdtemp(prefix="datagen-rate-"))
     config = make_project(root, base, transport=transport, **keys)
 

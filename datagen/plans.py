@@ -70,8 +70,8 @@ class SingleStepPlan:
                        "system": prompt.system.source if prompt.system else None},
             extractor=self.extractor_name)
 
-    def make_item(self, index: int, raw: Any) -> PoolItem:
-        return to_item(index, raw)
+    def make_item(self, index: int, raw: Any, fresh: bool = False) -> PoolItem:
+        return to_item(index, raw, fresh)
 
     def check_item(self, item: PoolItem) -> None:
         self.prompt.check(item.user_kwargs, item.system_kwargs, f"item {item.index}")
@@ -125,8 +125,8 @@ class StepsPlan:
             sampling=sampling, templates=templates, extractor=self.extractor_name)
         self._globals = frozenset(environment().globals)
 
-    def make_item(self, index: int, raw: Any) -> PoolItem:
-        return plain_item(index, raw)
+    def make_item(self, index: int, raw: Any, fresh: bool = False) -> PoolItem:
+        return plain_item(index, raw, fresh)
 
     def record(self, state: ItemState) -> dict[str, Any]:
         return steps_record(state)

@@ -140,21 +140,28 @@ def _split(index: int, raw: Any) -> tuple[Any, Any, dict[str, Any]]:
     return user, system, {k: v for k, v in raw.items() if k not in _RESERVED}
 
 
-def to_item(index: int, raw: Any) -> PoolItem:
-    """Check one raw entry of the single-step form and wrap it (a frozen copy); errors
-    name the index and the fix."""
-    _split(index, raw)  # the shape first: its messages are the clearest
-    frozen = freeze(raw, index)
-    user, system, meta = _split(index, frozen)
+def to_item(index: int, raw: Any, fresh: bool = False) -> PoolItem:
+    """Check one raw entry of the single-step form and wrap it (a frozen copy, unless
+    ``fresh``: just decoded from a file, shared with nobody); errors name the index and
+    the fix."""
+    user, system, meta = _split(index, raw)  # the shape first: its messages are clearest
+    if not fresh:
+        user, system, meta = _parts(freeze(raw, index))
     return PoolItem(index, user, system, meta)
 
 
-def plain_item(index: int, raw: Any) -> PoolItem:
+def _parts(item: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    system = item.get("system_prompt_kwargs")
+    return (item["user_prompt_kwargs"], {} if system is None else system,
+            {k: v for k, v in item.items() if k not in _RESERVED})
+
+
+def plain_item(index: int, raw: Any, fresh: bool = False) -> PoolItem:
     """Check one raw entry of a multi-step pipeline (a dict of fields) and wrap it."""
     if not isinstance(raw, Mapping):
         raise DataPoolError(f"data pool item {index} is {a_type(raw)}, not a dict. Items of a "
                             "multi-step pipeline are dicts of fields the templates use.")
-    return PoolItem(index, freeze(raw, index), {}, {})
+    return PoolItem(index, raw if fresh else freeze(raw, index), {}, {})
 
 
 def _read_jsonl(path: Path) -> Iterator[Any]:
@@ -263,9 +270,10 @@ class ItemSource:
     the pool was pre-checked whole.
     """
 
-    def __init__(self, pool: Pool, make_item: Callable[[int, Any], PoolItem] | None = None,
+    def __init__(self, pool: Pool, make_item: Callable[..., PoolItem] | None = None,
                  check: Check | None = None, samples: int = 1) -> None:
         self._make_item = make_item or to_item
+        self._fresh = isinstance(pool.source, Path)  # decoded from a file: no copy needed
         self._check = check
         self._samples = samples
         self._pending: list[PoolItem] = []
@@ -288,7 +296,7 @@ class ItemSource:
         pair = await self._next_raw()
         if pair is None:
             return None
-        item = self._make_item(*pair)
+        item = self._make_item(*pair, self._fresh)
         if self._check is not None:
             self._check(item)
         if self._seen.add(int(item.content_key[:16], 16)):

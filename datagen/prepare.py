@@ -115,6 +115,9 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
     except BaseException:
         opened.lock.release()
         raise
+    if not run.cache and not opened.resumed and not len(opened.done):
+        for caller in callers.values():  # a new run's own answers cannot be stored yet
+            caller.lookup = False
     total = pool.total * run.samples if pool.total is not None else None
     if total is not None:  # never more workers than items
         options.concurrency = max(1, min(options.concurrency, total))

@@ -322,10 +322,11 @@ class AnthropicTransport:
             self._headers["x-api-key"] = self._key
         self.pool_size = pool_size
         self._session: Any = None
+        self.track_sends = False  # set when the endpoint has a rate window
 
     def _open(self) -> Any:
         if self._session is None or self._session.closed:
-            self._session = open_session(self.pool_size, self._headers)
+            self._session = open_session(self.pool_size, self._headers, self.track_sends)
         return self._session
 
     def _target(self, request: ChatRequest) -> tuple[str, dict[str, str] | None]:

@@ -8,11 +8,12 @@ to the results file, so a run killed in between pays for nothing twice when it r
 An answer that extraction or validation rejected is removed (:meth:`reject`), so asking
 again gets a fresh one.
 
-Writes go through a writer thread that commits what arrived together in one transaction
-(group commit): a commit of its own per answer costs ~22 us of the event loop's CPU, a
-sixth of a whole fast-path call; the writer takes them off the loop and commits within
-milliseconds. Answers not yet committed are served from memory, so the cache never
-misses what it was given.
+Answers are committed together, one transaction every few milliseconds (group commit): a
+transaction per answer costs ~22 us of CPU, a sixth of a whole fast-path call, and a
+writer thread costs as much again in contention for the interpreter. Answers not yet
+committed are served from memory, so the cache never misses what it was given; a kill -9
+can lose at most the last COMMIT_DELAY_S of answers to the cache (not to the results:
+a record written holds its answer).
 
 Fresh samples at temperature > 0: set ``run.cache_salt`` to a new value; identical items
 repeated in one pool and ``samples=N`` are told apart automatically.
@@ -20,6 +21,8 @@ repeated in one pool and ``samples=N`` are told apart automatically.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import threading
 import time
@@ -31,6 +34,7 @@ import orjson
 from datagen.errors import OutputError
 from datagen.llm.types import Completion, Usage
 from datagen.redact import get_logger, redact_bytes
+from datagen.seen import KeyIndex
 
 log = get_logger("datagen.llm")
 SCHEMA = """
@@ -41,38 +45,51 @@ CREATE TABLE IF NOT EXISTS responses (
 )
 """
 _DELETE = None  # a pending value that means "remove this key"
+COMMIT_DELAY_S = 0.005
+COMMIT_BATCH = 256
 
 
 class ResponseCache:
-    """A small key -> completion store. Safe to share between runs and processes.
-
-    Two connections: the event loop reads with one, the writer thread writes with the
-    other (WAL lets them work at once), so a read never waits for a commit.
-    """
+    """A small key -> completion store. Safe to share between runs and processes (one
+    instance per run and event loop)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()  # the two dicts below
-        self._pending: dict[str, bytes | None] = {}  # given, not yet being written
-        self._writing: dict[str, bytes | None] = {}  # being committed now
-        self._read_lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
-        self.error: OutputError | None = None  # the writer's failure, raised at next use
+        self._lock = threading.Lock()
+        self._pending: dict[str, bytes | None] = {}  # given, not yet committed
+        self._flush_at: asyncio.TimerHandle | None = None
+        self.error: OutputError | None = None  # a failed commit, raised at the next use
+        # the keys the file holds, loaded in the background: a miss is then answered from
+        # memory (~1 us) instead of a query; until it is loaded, and for keys another
+        # process adds meanwhile, the file is asked
+        self._known: KeyIndex | None = None
+        self._since_load: set[str] | None = set()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._reader = self._connect()
-            self._reader.execute(SCHEMA)
-            self._writer_db = self._connect()
+            self._db = self._connect()
+            self._db.execute(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise OutputError(
                 f"cannot open the response cache {self.path}: {exc}. Set run.cache_path to "
                 "a writable file."
             ) from None
-        self._writer = threading.Thread(target=self._write_loop, name="datagen-cache",
-                                        daemon=True)
-        self._writer.start()
+        threading.Thread(target=self._load_keys, name="datagen-cache-keys", daemon=True).start()
+
+    def _load_keys(self) -> None:
+        index = KeyIndex()
+        try:
+            db = self._connect()
+            try:
+                for (key,) in db.execute("SELECT key FROM responses"):
+                    index.add(key)
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return  # the file is asked every time
+        with self._lock:
+            for key in self._since_load or ():
+                index.add(key)
+            self._known, self._since_load = index, None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -82,22 +99,22 @@ class ResponseCache:
         return db
 
     def get(self, key: str) -> Completion | None:
-        self._raise_writer_error()
+        self._raise_error()
         with self._lock:
-            for given in (self._pending, self._writing):
-                if key in given:
-                    value = given[key]
-                    return None if value is _DELETE else _decode(value)
-        with self._read_lock:
+            if key in self._pending:
+                value = self._pending[key]
+                return None if value is _DELETE else _decode(value)
+            if self._known is not None and key not in self._known:
+                return None
             try:
-                row = self._reader.execute("SELECT value FROM responses WHERE key = ?",
-                                           (key,)).fetchone()
+                row = self._db.execute("SELECT value FROM responses WHERE key = ?",
+                                       (key,)).fetchone()
             except sqlite3.Error as exc:
                 raise self._error("read", exc) from None
         return None if row is None else _decode(row[0])
 
     def put(self, key: str, completion: Completion) -> None:
-        self._raise_writer_error()
+        self._raise_error()
         value = redact_bytes(orjson.dumps({  # a secret echoed in an answer stays out too
             "text": completion.text, "finish_reason": completion.finish_reason,
             "prompt_tokens": completion.usage.prompt_tokens,
@@ -105,48 +122,57 @@ class ResponseCache:
         }))
         with self._lock:
             self._pending[key] = value
-        self._wake.set()
+            if self._known is not None:
+                self._known.add(key)
+            elif self._since_load is not None:
+                self._since_load.add(key)
+        self._soon()
 
     def reject(self, key: str) -> None:
         """Forget an answer that extraction or validation rejected: asking again must get
         a new one, not this one replayed."""
         with self._lock:
             self._pending[key] = _DELETE
-        self._wake.set()
+        self._soon()
+
+    def _soon(self) -> None:
+        """Commit within COMMIT_DELAY_S, together with what else arrives meanwhile (one
+        transaction per few milliseconds, not per answer), or now when many wait."""
+        if len(self._pending) >= COMMIT_BATCH:
+            self.flush()
+            return
+        if self._flush_at is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop: no later, commit now
+            self.flush()
+            return
+        self._flush_at = loop.call_later(COMMIT_DELAY_S, self._timed_flush)
+
+    def _timed_flush(self) -> None:
+        self._flush_at = None
+        with contextlib.suppress(OutputError):  # kept in self.error: raised at next use
+            self.flush()
 
     def flush(self) -> None:
-        """Commit everything given so far (the writer does it within milliseconds)."""
-        with self._write_lock:
-            with self._lock:
-                batch, self._pending = self._pending, {}
-                self._writing = batch
-            try:
+        """Commit everything given so far, in one transaction."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        with self._lock:
+            batch, self._pending = self._pending, {}
+            if batch and self.error is None:
                 self._commit(batch)
-            finally:
-                with self._lock:
-                    if self.error is not None:  # still served from memory
-                        self._pending = {**batch, **self._pending}
-                    self._writing = {}
-        self._raise_writer_error()
-
-    def _write_loop(self) -> None:
-        while not self._closed:
-            self._wake.wait(0.5)
-            self._wake.clear()
-            time.sleep(0.001)  # let answers arriving together share one commit
-            try:
-                self.flush()
-            except OutputError:
-                return  # kept in self.error, raised to the run at its next use
+            if self.error is not None:  # still served from memory
+                self._pending = {**batch, **self._pending}
+        self._raise_error()
 
     def _commit(self, batch: dict[str, bytes | None]) -> None:
-        """Write ``batch`` in one transaction (with the write lock held)."""
-        if not batch or self.error is not None:
-            return
         now = time.time()
         rows = [(k, v, now) for k, v in batch.items() if v is not _DELETE]
         gone = [(k,) for k, v in batch.items() if v is _DELETE]
-        db = self._writer_db
+        db = self._db
         try:
             db.execute("BEGIN")
             if rows:
@@ -162,7 +188,7 @@ class ResponseCache:
             except sqlite3.Error:
                 log.debug("rollback failed", exc_info=True)
 
-    def _raise_writer_error(self) -> None:
+    def _raise_error(self) -> None:
         if self.error is not None:
             raise self.error
 
@@ -172,16 +198,12 @@ class ResponseCache:
         return error
 
     def close(self) -> None:
-        """Commit what is left and close (a write error here is logged, and raised)."""
-        self._closed = True
-        self._wake.set()
-        self._writer.join(5)
+        """Commit what is left and close (a write error here is raised)."""
         try:
             self.flush()
         finally:
-            with self._read_lock, self._write_lock:
-                self._reader.close()
-                self._writer_db.close()
+            with self._lock:
+                self._db.close()
 
 
 def _decode(raw: Any) -> Completion:

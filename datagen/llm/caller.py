@@ -91,6 +91,8 @@ class Caller:
     stats: CallStats = field(default_factory=CallStats)
     cache: ResponseCache | None = None
     prices: tuple[float, float] | None = None  # dollars per input / output token
+    lookup: bool = True  # False: nothing this run asks can be stored yet (a new run whose
+    # answers are kept for its own resume only): answers are stored, never looked up
 
     async def call(self, request: ChatRequest, cache_key: str | None = None
                    ) -> tuple[Completion, int]:
@@ -99,7 +101,7 @@ class Caller:
 
         Raises the last :class:`CallError` when it cannot be retried or retries ran out.
         """
-        if self.cache is not None and cache_key is not None:
+        if self.cache is not None and cache_key is not None and self.lookup:
             hit = self.cache.get(cache_key)
             if hit is not None:
                 self.stats.cache_hits += 1

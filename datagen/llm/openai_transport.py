@@ -172,10 +172,11 @@ class OpenAITransport:
             self._headers["Authorization"] = f"Bearer {key}"
         self.pool_size = pool_size
         self._session: Any = None
+        self.track_sends = False  # set when the endpoint has a rate window
 
     def _open(self) -> Any:
         if self._session is None or self._session.closed:
-            self._session = open_session(self.pool_size, self._headers)
+            self._session = open_session(self.pool_size, self._headers, self.track_sends)
         return self._session
 
     def _body(self, request: ChatRequest) -> bytes:

@@ -97,7 +97,9 @@ def from_anthropic_headers(headers: Mapping[str, str] | None, now: float | None 
                            ) -> RateLimitInfo | None:
     """Anthropic's ``anthropic-ratelimit-*`` headers, or None when there are none.
     ``now`` (seconds since the epoch) is when the response was read: the default is now."""
-    if not headers:
+    if not headers or ("anthropic-ratelimit-requests-remaining" not in headers
+                       and "anthropic-ratelimit-tokens-remaining" not in headers
+                       and "anthropic-ratelimit-input-tokens-remaining" not in headers):
         return None
     now = time.time() if now is None else now
     fields: dict[str, int | float | None] = {}
@@ -111,8 +113,9 @@ def from_anthropic_headers(headers: Mapping[str, str] | None, now: float | None 
 
 def from_openai_headers(headers: Mapping[str, str] | None) -> RateLimitInfo | None:
     """OpenAI's ``x-ratelimit-*`` headers, or None when there are none."""
-    if not headers:
-        return None
+    if not headers or ("x-ratelimit-remaining-requests" not in headers
+                       and "x-ratelimit-remaining-tokens" not in headers):
+        return None  # the common case of a server that sends none: one lookup
     fields: dict[str, int | float | None] = {}
     for field in _OPENAI_LIMITS:
         reset = headers.get(f"x-ratelimit-reset-{field}")

@@ -151,6 +151,8 @@ def make_caller(m: ModelConfig, concurrency: int, cache: Any) -> Caller:
     transport = make_transport(m, concurrency)
     key = endpoint_key(m.effective_provider(), m.base_url, m.model_string(), api_key_of(m))
     limits = endpoint_limits(key, rate_spec(m, transport.name), m.model_string())
+    if limits.window is not None and hasattr(transport, "track_sends"):
+        transport.track_sends = True  # the window counts sends from when they are written
     throttle = Throttle(concurrency=concurrency, limits=limits)
     return Caller(transport, throttle, max_retries=m.max_retries, cache=cache,
                   prices=prices_of(m))
