@@ -53,6 +53,7 @@ class StepBuilder:
         keep: Callable[..., Any] | None = None,
         samples: int = 1,
         syntax: str | None = None,
+        batch: bool | None = None,
     ) -> B:
         """Add a step; returns the pipeline, so steps chain.
 
@@ -73,6 +74,8 @@ class StepBuilder:
         element continues through the later steps as its own item. ``samples=N``: N
         outputs per input, each continuing as its own item. ``mode="completion"`` sends
         the rendered text to a text-completion endpoint (base models), with ``stop``.
+        ``batch=True`` sends this step through the provider's batch API (default: the
+        config's ``run.batch``).
         """
         self._check_step_args(name, mode, samples, max_retries, model)
         chosen = Syntax(syntax, self.syntax.literal) if syntax else self.syntax
@@ -87,7 +90,8 @@ class StepBuilder:
             name=name, prompts=prompts, extract=extract, validate=validate, keep=keep,
             input_processor=input_processor, sampling=step_sampling, model=model,
             max_retries=DEFAULT_VALIDATION_RETRIES if max_retries is None else max_retries,
-            one_to_many=one_to_many, samples=samples, response_format=response_format,
+            one_to_many=one_to_many, samples=samples, batch=batch,
+            response_format=response_format,
             mode="completion" if mode == "completion" else "chat"))
         return self
 

@@ -70,6 +70,7 @@ class StepRuntime:
     max_retries: int = 0
     one_to_many: bool = False
     samples: int = 1  # outputs per input at this step, each continuing as <key>#i
+    batch: bool = False  # answered through the provider's batch API, in rounds
     seeded: bool = False  # the provider takes a seed: samples get distinct ones
     base_seed: int = 0
 

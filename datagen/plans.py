@@ -97,7 +97,7 @@ class SingleStepPlan:
         return [StepRuntime(name=self.STEP, caller=callers[None], render=render,
                             build_request=runtime.request_builder(m, params),
                             extract=self.extractor, max_retries=0, seeded=seeded,
-                            base_seed=base)]
+                            base_seed=base, batch=self.settings.run.batch)]
 
 
 class StepsPlan:
@@ -186,6 +186,7 @@ class StepsPlan:
                 validate=step.validate, keep=step.keep, input_processor=step.input_processor,
                 max_retries=step.max_retries, one_to_many=step.one_to_many,
                 samples=step.samples, seeded=seeded,
+                batch=self.settings.run.batch if step.batch is None else step.batch,
                 base_seed=int(step.sampling.get("seed", base) or 0)))
         return out
 

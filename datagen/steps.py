@@ -71,6 +71,7 @@ class Step:
     max_retries: int = DEFAULT_VALIDATION_RETRIES
     one_to_many: bool = False
     samples: int = 1
+    batch: bool | None = None  # None: as run.batch says
     response_format: Any = None
     mode: Literal["chat", "completion"] = "chat"
 

@@ -209,6 +209,8 @@ class RunConfig(_Section):
     cache_salt: str = _described("", "change it for fresh samples of the same requests")
     samples: int = _described(1, "outputs per input item, keyed <key>#i, each with its "
                               "own seed", ge=1, le=10_000)
+    batch: bool = _described(False, "send every step through the provider's batch API "
+                             "(about half price, answers within the completion window)")
     shutdown_timeout: float = _described(30.0, "seconds Ctrl+C / SIGTERM waits for the "
                                          "requests in flight", ge=0)
     user_code_timeout: float = _described(

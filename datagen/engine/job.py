@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from datagen.llm.cache import ResponseCache
 from datagen.llm.caller import Caller
+from datagen.llm.types import ChatRequest, Completion
 from datagen.plan import Plan, StepRuntime
 from datagen.pool import ItemSource
 from datagen.progress import Display
@@ -34,6 +35,19 @@ class RunOptions:
     cache_salt: str = ""
 
 
+class Deferred(Exception):
+    """A batch step's request went into this round's batch: the item waits for the next
+    round (its answer will be in the cache then). Not a failure, not a record."""
+
+
+class BatchRound(Protocol):
+    """Batch mode's side of a round (``datagen.batch``): answers a batch step's request
+    from what earlier rounds collected, raises the CallError a batch reported for it for
+    good, or takes it into this round's batch and raises :class:`Deferred`."""
+
+    async def answer(self, step: str, request: ChatRequest, key: str) -> Completion: ...
+
+
 @dataclass
 class Job:
     plan: Plan
@@ -49,6 +63,7 @@ class Job:
     callers: list[Caller]
     cache: ResponseCache | None = None
     resumed: int = 0  # records already in the files when the run started
+    batch: BatchRound | None = None  # batch mode: this round's collector
 
     @property
     def step_names(self) -> list[str]:

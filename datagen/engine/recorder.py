@@ -37,6 +37,7 @@ class Counts:
     validation_retries: Counter[str] = field(default_factory=Counter)
     step_done: Counter[str] = field(default_factory=Counter)
     callback_errors: int = 0
+    deferred: int = 0  # batch mode: items waiting for this round's batch
 
     @property
     def finished(self) -> int:

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from datagen.engine.job import Job
+from datagen.engine.job import Deferred, Job
 from datagen.engine.recorder import Failure, RunRecorder
 from datagen.engine.verdict import judge
 from datagen.errors import RunAbortedError, a_type
@@ -86,6 +86,9 @@ class ItemRunner:
             except StepDropped as dropped:
                 self.recorder.drop(state, step.name, dropped.reason)
                 return
+            except Deferred:  # batch mode: its request is in this round's batch
+                self.recorder.counts.deferred += 1
+                return
             self._report(step.name, self.recorder.step_done(step.name))
             if step.one_to_many:
                 await self._fan_out(step, state, output, position)
@@ -112,6 +115,9 @@ class ItemRunner:
                 return
             except StepDropped as dropped:
                 self.recorder.drop(sample, step.name, dropped.reason)
+                return
+            except Deferred:
+                self.recorder.counts.deferred += 1
                 return
             self._report(step.name, self.recorder.step_done(step.name))
             if step.one_to_many:
@@ -207,7 +213,11 @@ class ItemRunner:
         event = CallEvent(step.name, state.key, request.messages or None, request.prompt)
         self._observe("before", event)
         try:
-            completion, attempts = await step.caller.call(request, key)
+            if step.batch and self.job.batch is not None and key is not None:
+                completion = await self.job.batch.answer(step.name, request, key)
+                attempts = 1  # paid for, through a batch
+            else:
+                completion, attempts = await step.caller.call(request, key)
         except CallError as err:
             event.error = f"{err.kind}: {err.message}"
             self._observe("after", event)
