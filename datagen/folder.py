@@ -16,6 +16,7 @@ key neither takes gets a warning naming it, never a crash (so old configs keep w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -168,4 +169,17 @@ def load_folder(path: str | Path = ".", **overrides: Any) -> PipelineFolder:
     if not isinstance(pipeline, DataGenerationPipeline):
         raise ConfigError(f"{script}: build() returned {type(pipeline).__name__}, not a "
                           "DataGenerationPipeline")
+    pipeline._shard_origin = functools.partial(shard_job, root, overrides)
     return PipelineFolder(root, pipeline, module)
+
+
+def shard_job(root: Path, overrides: dict[str, Any], options: Any, base: dict[str, Any],
+              **shard: Any) -> Any:
+    """A cluster run's shard job, made on the worker from the pipeline folder (loaded
+    again there, at the same path: the folder must be on the shared filesystem)."""
+    from datagen.prepare import prepare_shard
+
+    folder = load_folder(root, **overrides)
+    pipeline = folder.pipeline
+    extractor = None if pipeline.step_names else folder.extract_function
+    return prepare_shard(pipeline.settings, pipeline._plan(extractor), options, base, **shard)

@@ -75,6 +75,9 @@ class DataGenerationPipeline(StepBuilder):
         self._steps: list[Step] = []
         self._observers: dict[str, list[Callable[[CallEvent], Any]]] = {"before": [],
                                                                          "after": []}
+        # set by load_folder: how a cluster's worker builds this pipeline again (from its
+        # folder, instead of unpickling it)
+        self._shard_origin: Callable[..., Job] | None = None
 
     # ---- builder helpers -------------------------------------------------------------
 
@@ -131,8 +134,10 @@ class DataGenerationPipeline(StepBuilder):
         With ``collect=False`` nothing is kept in memory (the result is an empty list
         with its counts). ``on_record`` (sync or async) is called with each record once
         it is on disk; ``progress_callback(task_id, fraction, message)`` as steps
-        complete. ``executor``: "local" (this process) or "ray". An error that stops the
-        run carries what was done as ``.result``.
+        complete. ``executor``: "local" (this process), "ray" (shards of the pool on a
+        Ray cluster: ``pip install "datagen[ray]"``), or an executor object such as
+        ``datagen.executors.ray.RayExecutor(address=..., shards=...)``. An error that
+        stops the run carries what was done as ``.result``.
 
         ``run()`` is :meth:`prepare` (every check, the run's files) then :meth:`execute`.
         """
@@ -161,7 +166,7 @@ class DataGenerationPipeline(StepBuilder):
         options = self._options(collect, on_record, progress_callback)
         return prepare(self.settings, plan, data_pool, concurrency=concurrency_limit,
                        resume=resume, options=options, step_names=self.step_names,
-                       progress=progress)
+                       progress=progress, shard_origin=self._shard_origin)
 
     async def execute(self, job: Job, executor: Any = "local") -> RunResult:
         """Run a prepared job to the disk (see :meth:`prepare`)."""

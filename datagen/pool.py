@@ -190,6 +190,7 @@ class Pool:
     source: Any
     total: int | None
     reiterable: bool
+    indexed: bool = False  # ``(index, item)`` pairs decoded from a file: a shard's items
 
     def raw_items(self) -> Iterator[Any]:
         if isinstance(self.source, Path):
@@ -273,9 +274,12 @@ class ItemSource:
     def __init__(self, pool: Pool, make_item: Callable[..., PoolItem] | None = None,
                  check: Check | None = None, samples: int = 1) -> None:
         self._make_item = make_item or to_item
-        self._fresh = isinstance(pool.source, Path)  # decoded from a file: no copy needed
+        # decoded from a file: no copy needed
+        self._fresh = isinstance(pool.source, Path) or pool.indexed
+        self._indexed = pool.indexed  # indices come with the items (a cluster shard's)
         self._check = check
         self._samples = samples
+        self.pool = pool  # a cluster run spills it to its shards
         self._pending: list[PoolItem] = []
         self._sync: Iterator[Any] | None = None
         self._async: AsyncIterator[Any] | None = None
@@ -339,7 +343,10 @@ class ItemSource:
                     return None
                 except Exception as exc:  # the user's iterator failed
                     raise self._failed(exc) from exc
-        index = self._index
+        if self._indexed:
+            index, raw = raw
+        else:
+            index = self._index
         self._index += 1
         return index, raw
 

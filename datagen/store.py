@@ -19,6 +19,8 @@ import errno
 import os
 import re
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -275,6 +277,11 @@ def write_error(path: Path, exc: OSError) -> WriteError:
     return WriteError(f"cannot write {path}: {exc.strerror or exc}{hint}")
 
 
+# Held around every append of a fenced sink: raises when this writer lost the files to a
+# newer one (a cluster shard's lease, datagen.lease), so a stale writer never appends.
+Fence = Callable[[], AbstractContextManager[None]]
+
+
 class JsonlSink:
     """Appends complete lines to a JSONL file; opened on the first line.
 
@@ -282,12 +289,14 @@ class JsonlSink:
     the disk) runs at most every ``fsync_interval`` seconds (0: after every line) and at
     close, so a power cut loses at most that much, a killed process nothing. Every line
     passes the redactor (no registered secret reaches the disk). A failed write raises
-    :class:`WriteError` naming the file.
+    :class:`WriteError` naming the file. With a ``fence``, each append happens inside it.
     """
 
-    def __init__(self, path: Path, fsync_interval: float = 1.0) -> None:
+    def __init__(self, path: Path, fsync_interval: float = 1.0, fence: Fence | None = None
+                 ) -> None:
         self.path = path
         self.fsync_interval = fsync_interval
+        self.fence = fence
         self._fh: IO[bytes] | None = None
         self._last_sync = time.monotonic()
         self.lines = 0
@@ -295,6 +304,12 @@ class JsonlSink:
     def write_line(self, line: bytes) -> bytes:
         """Append ``line``; returns the bytes written (redacted)."""
         line = redact.redact_bytes(line)
+        if self.fence is None:
+            return self._append(line)
+        with self.fence():
+            return self._append(line)
+
+    def _append(self, line: bytes) -> bytes:
         try:
             if self._fh is None:
                 self._fh = open(self.path, "ab")  # noqa: SIM115 - held open for the run

@@ -94,6 +94,11 @@ class JinjaTemplate:
         variables = frozenset(meta.find_undeclared_variables(ast))
         return cls(Path(path), source, template, variables, _simple_parts(ast))
 
+    def __reduce__(self) -> tuple[Any, tuple[str, Path]]:
+        """Pickled as its source, compiled again where it is loaded (a compiled jinja
+        template does not pickle): how a pipeline reaches a cluster's workers."""
+        return (JinjaTemplate.from_string, (self.source, self.path))
+
     def render(self, kwargs: Mapping[str, Any], where: str) -> str:
         """Render with ``kwargs``; ``where`` says which item, for the error message."""
         import jinja2

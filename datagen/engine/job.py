@@ -15,7 +15,7 @@ from datagen.pool import ItemSource
 from datagen.progress import Display
 from datagen.seen import KeyIndex
 from datagen.steps import CallEvent
-from datagen.store import RunFiles, RunLock
+from datagen.store import Fence, RunFiles, RunLock
 
 
 @dataclass
@@ -64,6 +64,10 @@ class Job:
     cache: ResponseCache | None = None
     resumed: int = 0  # records already in the files when the run started
     batch: BatchRound | None = None  # batch mode: this round's collector
+    fence: Fence | None = None  # a cluster shard: held around every append (its lease)
+    # a cluster run: (shard, display, fence) -> the Job of one shard of this run, made
+    # where the shard runs (see datagen.prepare.prepare_shard); it travels there pickled
+    make_shard: Callable[..., Job] | None = None
 
     @property
     def step_names(self) -> list[str]:

@@ -61,12 +61,12 @@ class RunRecorder:
         self.plan = job.plan
         self.files = job.files
         self.counts = Counts()
-        fsync = job.options.fsync_interval
-        self.results_sink = JsonlSink(job.files.results, fsync)
-        self.failures_sink = JsonlSink(job.files.failures, fsync)
-        self.dropped_sink = JsonlSink(job.files.dropped, fsync)
-        self.meta_sink = JsonlSink(job.files.meta, fsync) if job.options.meta_datagen \
-            else None
+        fsync, fence = job.options.fsync_interval, job.fence
+        self.results_sink = JsonlSink(job.files.results, fsync, fence)
+        self.failures_sink = JsonlSink(job.files.failures, fsync, fence)
+        self.dropped_sink = JsonlSink(job.files.dropped, fsync, fence)
+        self.meta_sink = JsonlSink(job.files.meta, fsync, fence) \
+            if job.options.meta_datagen else None
         self.results: dict[tuple[int, tuple[int, ...], int], dict[str, Any]] = {}
         self.started_at = iso_now()
         self._t0 = time.monotonic()

@@ -20,5 +20,9 @@ def get_executor(executor: Any) -> Executor:
         from datagen.executors.local import run_local
 
         return run_local
+    if executor == "ray":
+        from datagen.executors.ray import RayExecutor
+
+        return RayExecutor()  # a clear error when Ray is not installed
     raise ConfigError(f"unknown executor {executor!r}: use 'local', 'ray', or an "
                       "executor object")

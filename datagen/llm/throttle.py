@@ -25,7 +25,7 @@ import hashlib
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -33,7 +33,8 @@ from datagen.llm.ratewindow import SENDING, RateWindow, Send, TokenBudget, mark_
 from datagen.redact import get_logger
 
 __all__ = ["SENDING", "AdaptiveConcurrency", "EndpointLimits", "RateSpec", "RateWindow",
-           "Send", "Throttle", "TokenBudget", "endpoint_key", "endpoint_limits", "mark_sent"]
+           "Send", "Throttle", "TokenBudget", "endpoint_key", "endpoint_limits", "limits_from",
+           "mark_sent"]
 
 log = get_logger("datagen.llm")
 
@@ -127,6 +128,10 @@ class EndpointLimits:
     def paused_for(self) -> float:
         return max(0.0, self.paused_until - time.monotonic())
 
+    def rate_limited(self) -> None:
+        """A 429 (the run's adaptive concurrency has halved): a cluster's limits tell
+        every worker; one process has nothing more to do."""
+
     async def wait_turn(self, estimate: Estimate | None = None) -> Send | None:
         """Wait for the pause, the request window and the token budgets; the request's
         Send (None without a request window)."""
@@ -194,6 +199,16 @@ class EndpointLimits:
 
 _ENDPOINTS: dict[str, EndpointLimits] = {}
 _ENDPOINTS_LOCK = threading.Lock()
+LimitsSource = Callable[[str, RateSpec, str], EndpointLimits]
+_SOURCE: list[LimitsSource] = []  # set while a cluster shard runs in this process
+
+
+def limits_from(source: LimitsSource | None) -> None:
+    """Where :func:`endpoint_limits` gets an endpoint's limits from: ``source(key, spec,
+    name)`` (a cluster's budget, shared by every worker of the cluster), or ``None`` for
+    this process's own again."""
+    with _ENDPOINTS_LOCK:
+        _SOURCE[:] = [source] if source is not None else []
 
 
 def endpoint_key(provider: str, base_url: str | None, model: str, api_key: str | None) -> str:
@@ -206,6 +221,8 @@ def endpoint_key(provider: str, base_url: str | None, model: str, api_key: str |
 def endpoint_limits(key: str, spec: RateSpec, name: str = "") -> EndpointLimits:
     """The one EndpointLimits of this process for ``key`` (its spec updated to ``spec``)."""
     with _ENDPOINTS_LOCK:
+        if _SOURCE:
+            return _SOURCE[0](key, spec, name or key.split("|")[2])
         limits = _ENDPOINTS.get(key)
         if limits is None:
             limits = _ENDPOINTS[key] = EndpointLimits(name or key.split("|")[2], spec)
@@ -260,6 +277,12 @@ class AdaptiveConcurrency:
         self.limit = max(1, self.limit // 2)
         self._successes = 0
 
+    def set_limit(self, limit: int) -> None:
+        """A limit decided elsewhere: this process's share of a cluster-wide one."""
+        self.limit = max(1, min(self.maximum, limit))
+        self._successes = 0
+        self._wake()
+
     def succeeded(self) -> None:
         if self.limit >= self.maximum:
             return
@@ -296,6 +319,7 @@ class Throttle:
     def rate_limited(self) -> None:
         if self.concurrency is not None:
             self.concurrency.rate_limited()
+        self.limits.rate_limited()
 
     async def wait_turn(self, estimate: Estimate | None = None) -> Send | None:
         return await self.limits.wait_turn(estimate)

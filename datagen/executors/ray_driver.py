@@ -1,0 +1,316 @@
+"""The driver of a cluster run: shards planned (their count fixed for the run, finished
+ones skipped on resume), the run folder checked from every node, a pool that is not a
+file spilled to the shards' inputs, one Ray task per shard (retried by Ray when its worker
+or node dies), the shards' part files merged into the run's files as they grow, the live
+display fed by the shards' reports, and the manifest."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import orjson
+import ray as _ray
+
+from datagen.engine import RunInterrupted
+from datagen.engine.job import Job
+from datagen.errors import ConfigError, DatagenError, RunAbortedError
+from datagen.executors import ray_runtime as rt
+from datagen.executors.ray_board import add_up, attempt_rows, shard_states
+from datagen.executors.ray_merge import Merger
+from datagen.executors.ray_plan import ShardPlan
+from datagen.manifest import build_manifest
+from datagen.redact import get_logger, redact
+from datagen.result import RunResult
+from datagen.store import iso_now, write_json
+from datagen.usercode import UserCodeError, call_user
+
+log = get_logger("datagen.pipeline")
+ray: Any = _ray  # typed loosely: Ray's own annotations are partial
+TICK_S = 0.5
+STALE_RELAUNCHES = 3
+
+
+class ClusterRun:
+    def __init__(self, job: Job, executor: Any) -> None:
+        self.job, self.ex = job, executor
+        self.started_at, self.t0 = iso_now(), time.monotonic()
+        self.plan = ShardPlan(job, executor.shards)
+        self.merger: Merger | None = None
+        self.attempts: list[dict[str, Any]] = []
+        self.budget: dict[str, Any] = {}
+        self.failure: DatagenError | None = None
+        self.interrupts = 0
+        self.signal: int | None = None
+        self.records: list[dict[str, Any]] = []
+        self.callback_errors = 0
+        self.pending: dict[Any, int] = {}
+        self.completed: list[tuple[int, int]] = []
+        self.nodes: list[str] = []
+        self._steps_shown: dict[str, int] = {}
+
+    async def run(self) -> RunResult:
+        job, plan = self.job, self.plan
+        rt.connect(self.ex.address, self.ex.init)
+        plan.open(rt.cluster_cpus())
+        self.nodes = rt.check_shared_folder(plan.layout.folder, plan.shared_files())
+        await plan.prepare_inputs()
+        self.merger = Merger(job.files, plan.layout, plan.count,
+                             job.options.fsync_interval)
+        self.merger.rebuild()
+        write_json(job.files.manifest, self.manifest("running", None))
+        try:
+            shipped = ray.put(job.make_shard)
+        except Exception as exc:
+            raise ConfigError(
+                f"the pipeline cannot be sent to the cluster's workers: {exc}. Its "
+                "functions (extractors, validators, observers) must be picklable: define "
+                "them at the top level of your script or of a module every node can "
+                "import, or run a pipeline folder") from exc
+        coordinator = rt.start_coordinator(f"datagen-{job.files.stem}-{id(self):x}")
+        try:
+            for run in plan.runs():
+                self.pending[self._launch(shipped, run, coordinator)] = run.index
+            job.display.start(job.total if job.total is not None else plan.total)
+            await self._loop(shipped, coordinator)
+        except BaseException as exc:
+            self._cancel(force=True)
+            self.failure = self.failure or (exc if isinstance(exc, DatagenError) else None)
+            self._finish("interrupted" if self.failure is None else "failed")
+            raise
+        finally:
+            ray.kill(coordinator)
+        return self._finish(None)
+
+    def _launch(self, shipped: Any, run: Any, coordinator: Any) -> Any:
+        return rt.launch(shipped, run, coordinator, self.ex.num_cpus, self.ex.max_retries)
+
+    # ---- the loop --------------------------------------------------------------------
+
+    async def _loop(self, shipped: Any, coordinator: Any) -> None:
+        restore = self._install_signals()
+        relaunched: dict[int, int] = {}
+        try:
+            while self.pending:
+                ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending),
+                                    timeout=0)
+                for ref in ready:
+                    shard = self.pending.pop(ref)
+                    outcome = self._outcome(ref, shard)
+                    if outcome.get("status") == "stale" and not self.interrupts and \
+                            relaunched.get(shard, 0) < STALE_RELAUNCHES:
+                        relaunched[shard] = relaunched.get(shard, 0) + 1
+                        self.pending[self._launch(shipped, self.plan.run_of(shard),
+                                                  coordinator)] = shard
+                await self._tick(coordinator)
+                if self.pending:
+                    await asyncio.sleep(TICK_S)
+            await self._tick(coordinator, final=True)
+        finally:
+            restore()
+
+    def _outcome(self, ref: Any, shard: int) -> dict[str, Any]:
+        try:
+            outcome: dict[str, Any] = ray.get(ref)
+        except (ray.exceptions.TaskCancelledError, KeyboardInterrupt):
+            return {"status": "interrupted"}
+        except ray.exceptions.RayError as exc:
+            if not self.interrupts:
+                message = redact(str(exc).strip().splitlines()[-1][:500])
+                self.failure = self.failure or DatagenError(
+                    f"shard {shard} could not finish: its attempts failed "
+                    f"{self.ex.max_retries + 1} times, the last one with: {message}. "
+                    "The other shards went on; resume the run to finish it")
+            return {"status": "failed"}
+        if outcome.get("status") == "completed":
+            self.completed.append((shard, outcome["attempt"]))  # marked after the next tail
+        elif outcome.get("fatal") and self.failure is None:
+            error = outcome["error"]
+            self.failure = RunAbortedError(error["message"], error["kind"]) \
+                if error["type"] == "RunAbortedError" else DatagenError(error["message"])
+            self._cancel(force=False)  # no retry can help: stop paying now
+        return outcome
+
+    async def _tick(self, coordinator: Any, final: bool = False) -> None:
+        assert self.merger is not None
+        lines = self.merger.tail(final)
+        await self._records(lines)
+        failed = self.merger.streams["failures"].new_by_part
+        for shard, epoch in self.completed:  # the tail above read all it wrote
+            self.plan.finished(shard, epoch, clean=failed[shard] == 0)
+        self.completed.clear()
+        try:
+            self.attempts, self.budget = await asyncio.wait_for(
+                coordinator.view.remote(), timeout=10)
+        except Exception:  # the view is for the display; the files are the truth
+            log.debug("the coordinator did not answer", exc_info=True)
+        self._show()
+
+    async def _records(self, lines: list[bytes]) -> None:
+        options = self.job.options
+        if not (options.collect or options.on_record):
+            return
+        for line in lines:
+            record = orjson.loads(line)
+            if options.collect:
+                self.records.append(record)
+            if options.on_record is not None:
+                try:
+                    await call_user(options.on_record, record, kind="on_record",
+                                    timeout=options.user_code_timeout)
+                except UserCodeError as exc:
+                    self.callback_errors += 1
+                    log.warning("on_record failed for %s: %s", record.get("key"), exc.message)
+
+    def _show(self) -> None:
+        assert self.merger is not None
+        m, display, totals = self.merger, self.job.display, add_up(self.attempts)
+        s = totals.stats
+        display.update(m.count("results"), m.count("failures") + m.count("dropped"))
+        display.usage(s.prompt_tokens + s.completion_tokens, s.cost_usd)
+        display.calls(s.requests, s.retries, s.rate_limited, s.cache_hits)
+        display.kinds(dict(m.failed_by_kind), dict(s.errors_by_kind))
+        for name, counts in totals.steps.items():
+            if counts["done"] != self._steps_shown.get(name):
+                self._steps_shown[name] = counts["done"]
+                display.step(name, counts["done"])
+                self._progress(name, counts["done"])
+        notes = [shard_states(self.attempts, self.plan.count, len(self.plan.skipped)),
+                 *dict.fromkeys(totals.notes)]
+        display.note("; ".join(notes))
+
+    def _progress(self, name: str, done: int) -> None:
+        callback, total = self.job.options.progress_callback, self.job.total
+        if callback is None:
+            return
+        try:
+            callback(name, min(1.0, done / total) if total else 0.0,
+                     f"step {name}: {done} done")
+        except Exception:  # a UI hook must never break a run
+            log.exception("progress_callback raised; ignored")
+
+    # ---- stopping --------------------------------------------------------------------
+
+    def _cancel(self, force: bool) -> None:
+        for ref in list(self.pending):
+            try:
+                ray.cancel(ref, force=force)
+            except Exception:  # already finished, or its worker is gone
+                log.debug("cancelling a shard failed", exc_info=True)
+
+    def _install_signals(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue
+        return lambda: [loop.remove_signal_handler(sig) for sig in installed]
+
+    def _on_signal(self, sig: int) -> None:
+        self.interrupts += 1
+        self.signal = sig
+        log.warning("%s: stopping the shards (the files stay valid; resume continues)",
+                    signal.Signals(sig).name)
+        self._cancel(force=self.interrupts > 1)
+        if self.interrupts == 1:
+            asyncio.get_running_loop().call_later(self.job.options.shutdown_timeout,
+                                                  self._cancel, True)
+
+    # ---- the end ---------------------------------------------------------------------
+
+    def _finish(self, status: str | None) -> RunResult:
+        job, merger = self.job, self.merger
+        if merger is not None:
+            merger.close()
+        if status is None:
+            status = "failed" if self.failure else "interrupted" if self.interrupts else \
+                "completed"
+        error = None
+        if self.failure is not None:
+            error = {"kind": str(getattr(self.failure, "kind", type(self.failure).__name__)),
+                     "message": redact(str(self.failure))}
+            log.error("run stopped: %s", error["message"])
+        manifest = self.manifest(status, error)
+        write_json(job.files.manifest, manifest)
+        done = merger.count("results") if merger else 0
+        failed = (merger.count("failures") + merger.count("dropped")) if merger else 0
+        job.display.close(done, failed, self.summary(manifest))
+        log.info("run %s: %s", status, self.summary(manifest))
+        result = RunResult(sorted(self.records, key=_order), job.files, manifest)
+        if self.failure is not None:
+            self.failure.result = result  # type: ignore[attr-defined]
+            raise self.failure
+        if self.interrupts:
+            raise RunInterrupted(
+                f"interrupted: {manifest['counts']['succeeded']} records written to "
+                f"{job.files.results}; resume=True continues the run", result, self.signal)
+        return result
+
+    @staticmethod
+    def summary(manifest: dict[str, Any]) -> str:
+        c, calls, t = manifest["counts"], manifest["calls"], manifest["tokens"]
+        cost = manifest["cost_usd"]
+        return redact(
+            f"{c['succeeded']} succeeded, {c['failed']} failed, "
+            f"{manifest['dropped']['total']} dropped, {c['skipped_done']} already done; "
+            f"{calls['requests']} requests, {calls['retries']} retries, "
+            f"{calls['rate_limited']} rate-limited (429), {calls['cache_hits']} cache hits; "
+            f"{t['prompt']} prompt + {t['completion']} completion tokens"
+            f"{f', ${cost:.4f}' if cost is not None else ', cost unknown'}; "
+            f"{manifest['cluster']['shards']} shards")
+
+    def manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
+        job, m, totals = self.job, self.merger, add_up(self.attempts)
+        assert m is not None
+        s, elapsed = totals.stats, time.monotonic() - self.t0
+        ok, failed, dropped = m.count("results"), m.count("failures"), m.count("dropped")
+        return build_manifest(
+            job.manifest_base, status=status, error=error, started_at=self.started_at,
+            updated_at=iso_now(), files=job.files.as_dict(),
+            counts={"finished": ok + failed + dropped, "succeeded": ok, "failed": failed,
+                    "failed_by_kind": dict(m.failed_by_kind), "skipped_done": m.resumed,
+                    "results_in_file": m.streams["results"].lines},
+            steps={name: {k: int(totals.steps.get(name, Counter())[k])
+                          for k in ("done", "validation_retries", "dropped")}
+                   for name in job.step_names},
+            calls={"requests": s.requests, "retries": s.retries,
+                   "rate_limited": s.rate_limited, "errors_by_kind": dict(s.errors_by_kind),
+                   "cache_hits": s.cache_hits, "cache_misses": s.cache_misses},
+            tokens={"prompt": s.prompt_tokens, "completion": s.completion_tokens,
+                    "total": s.prompt_tokens + s.completion_tokens},
+            cost_usd=s.cost_usd,
+            timings={"duration_s": round(elapsed, 3),
+                     "items_per_s": round((ok + failed + dropped) / elapsed, 3)
+                     if elapsed > 0 else None,
+                     "mean_latency_s": round(totals.latency_total / ok, 4) if ok else None},
+            extra={"dropped": {"total": dropped, "by_step": dict(totals.dropped_by_step)},
+                   "callbacks": {"on_record_errors": self.callback_errors
+                                 + totals.callback_errors},
+                   "cluster": self.cluster_section()})
+
+    def cluster_section(self) -> dict[str, Any]:
+        assert self.merger is not None
+        rows = attempt_rows(self.attempts, rt.alive_nodes() if self.attempts else set())
+        lost = sorted({r["node"] for r in rows if r["status"] == "lost"})
+        tries = Counter(r["shard"] for r in rows)
+        return {"executor": "ray", "shards": self.plan.count, "nodes": self.nodes,
+                "shard_folder": str(self.plan.layout.folder),
+                "skipped_finished_shards": self.plan.skipped, "attempts": rows,
+                "retried_shards": sorted(s for s, n in tries.items() if n > 1),
+                "node_failures": lost, "budget": self.budget, **self.merger.summary()}
+
+
+def _order(record: dict[str, Any]) -> tuple[Any, ...]:
+    """Input order: the item's index, then its samples and fan-out children by key."""
+    key = str(record.get("key", ""))[32:]
+    marks = [int(part) for part in key.replace("#", "/").split("/")[1:] if part.isdigit()]
+    return (record.get("index", 0), marks)
