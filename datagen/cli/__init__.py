@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failure-rate", type=share, default=0.1,
                      help="exit 1 when more than this share of items failed (default 0.1)")
     run.add_argument("--no-progress", action="store_true", help="no progress display")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="where to run: this process (default) or a Ray cluster")
+    run.add_argument("--address", help="with --executor ray: the cluster (auto, host:port, "
+                                       "ray://host:10001; default: Ray's own default)")
+    run.add_argument("--shards", type=count, help="with --executor ray: how many shards "
+                                                  "(default: the cluster's CPUs)")
     run.set_defaults(func=commands.run)
 
     est = sub.add_parser("estimate", help="tokens, cost and time of a run, sending nothing",

@@ -23,6 +23,7 @@ RUN_EXAMPLES = """examples:
   datagen run . --resume                       continue the newest run of this experiment
   datagen run . --dry-run                      tokens, cost and time; nothing is sent
   datagen run config.yaml --pool items.jsonl   the single-step form, no pipeline.py
+  datagen run . --executor ray --address auto  on a Ray cluster, in shards
 """
 
 
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from datagen.folder import load_folder
 
     try:
+        executor = executor_of(args)  # Ray missing: said before anything is loaded
         folder = load_folder(args.path, **overrides(args))
         pipeline = folder.pipeline
         pool = pool_of(folder, args)
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         extractor = None if pipeline.step_names else folder.extract_function
         result = asyncio.run(pipeline.run(pool, concurrency_limit=args.concurrency,
                                           extract_function=extractor, resume=args.resume,
-                                          progress=not args.no_progress, collect=False))
+                                          progress=not args.no_progress, collect=False,
+                                          executor=executor))
     except RunInterrupted as stop:
         interrupted(stop.result, args)
         return stop.exit_code
@@ -69,6 +72,20 @@ def run(args: argparse.Namespace) -> int:
               f"--max-failure-rate {args.max_failure_rate:g}", file=sys.stderr)
         return EXIT_FAILURES
     return EXIT_OK
+
+
+def executor_of(args: argparse.Namespace) -> Any:
+    """--executor, --address, --shards: "local", or the ray executor (a clear error when
+    Ray is not installed)."""
+    if args.executor == "local":
+        if args.address or args.shards:
+            from datagen.errors import ConfigError
+
+            raise ConfigError("--address and --shards need --executor ray")
+        return "local"
+    from datagen.executors.ray import RayExecutor
+
+    return RayExecutor(address=args.address, shards=args.shards)
 
 
 def interrupted(result: Any, args: argparse.Namespace) -> None:

@@ -10,7 +10,6 @@ import asyncio
 import signal
 import threading
 import time
-from collections import Counter
 from typing import Any
 
 import orjson
@@ -20,10 +19,10 @@ from datagen.engine import RunInterrupted
 from datagen.engine.job import Job
 from datagen.errors import ConfigError, DatagenError, RunAbortedError
 from datagen.executors import ray_runtime as rt
-from datagen.executors.ray_board import add_up, attempt_rows, shard_states
+from datagen.executors.ray_board import shard_states
 from datagen.executors.ray_merge import Merger
 from datagen.executors.ray_plan import ShardPlan
-from datagen.manifest import build_manifest
+from datagen.executors.ray_report import LiveView, input_order, run_manifest, summary
 from datagen.redact import get_logger, redact
 from datagen.result import RunResult
 from datagen.store import iso_now, write_json
@@ -51,7 +50,7 @@ class ClusterRun:
         self.pending: dict[Any, int] = {}
         self.completed: list[tuple[int, int]] = []
         self.nodes: list[str] = []
-        self._steps_shown: dict[str, int] = {}
+        self.view = LiveView(job)
 
     async def run(self) -> RunResult:
         job, plan = self.job, self.plan
@@ -168,30 +167,8 @@ class ClusterRun:
 
     def _show(self) -> None:
         assert self.merger is not None
-        m, display, totals = self.merger, self.job.display, add_up(self.attempts)
-        s = totals.stats
-        display.update(m.count("results"), m.count("failures") + m.count("dropped"))
-        display.usage(s.prompt_tokens + s.completion_tokens, s.cost_usd)
-        display.calls(s.requests, s.retries, s.rate_limited, s.cache_hits)
-        display.kinds(dict(m.failed_by_kind), dict(s.errors_by_kind))
-        for name, counts in totals.steps.items():
-            if counts["done"] != self._steps_shown.get(name):
-                self._steps_shown[name] = counts["done"]
-                display.step(name, counts["done"])
-                self._progress(name, counts["done"])
-        notes = [shard_states(self.attempts, self.plan.count, len(self.plan.skipped)),
-                 *dict.fromkeys(totals.notes)]
-        display.note("; ".join(notes))
-
-    def _progress(self, name: str, done: int) -> None:
-        callback, total = self.job.options.progress_callback, self.job.total
-        if callback is None:
-            return
-        try:
-            callback(name, min(1.0, done / total) if total else 0.0,
-                     f"step {name}: {done} done")
-        except Exception:  # a UI hook must never break a run
-            log.exception("progress_callback raised; ignored")
+        notes = [shard_states(self.attempts, self.plan.count, len(self.plan.skipped))]
+        self.view.show(self.merger, self.attempts, notes)
 
     # ---- stopping --------------------------------------------------------------------
 
@@ -243,9 +220,9 @@ class ClusterRun:
         write_json(job.files.manifest, manifest)
         done = merger.count("results") if merger else 0
         failed = (merger.count("failures") + merger.count("dropped")) if merger else 0
-        job.display.close(done, failed, self.summary(manifest))
-        log.info("run %s: %s", status, self.summary(manifest))
-        result = RunResult(sorted(self.records, key=_order), job.files, manifest)
+        job.display.close(done, failed, summary(manifest))
+        log.info("run %s: %s", status, summary(manifest))
+        result = RunResult(sorted(self.records, key=input_order), job.files, manifest)
         if self.failure is not None:
             self.failure.result = result  # type: ignore[attr-defined]
             raise self.failure
@@ -255,62 +232,11 @@ class ClusterRun:
                 f"{job.files.results}; resume=True continues the run", result, self.signal)
         return result
 
-    @staticmethod
-    def summary(manifest: dict[str, Any]) -> str:
-        c, calls, t = manifest["counts"], manifest["calls"], manifest["tokens"]
-        cost = manifest["cost_usd"]
-        return redact(
-            f"{c['succeeded']} succeeded, {c['failed']} failed, "
-            f"{manifest['dropped']['total']} dropped, {c['skipped_done']} already done; "
-            f"{calls['requests']} requests, {calls['retries']} retries, "
-            f"{calls['rate_limited']} rate-limited (429), {calls['cache_hits']} cache hits; "
-            f"{t['prompt']} prompt + {t['completion']} completion tokens"
-            f"{f', ${cost:.4f}' if cost is not None else ', cost unknown'}; "
-            f"{manifest['cluster']['shards']} shards")
-
     def manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
-        job, m, totals = self.job, self.merger, add_up(self.attempts)
-        assert m is not None
-        s, elapsed = totals.stats, time.monotonic() - self.t0
-        ok, failed, dropped = m.count("results"), m.count("failures"), m.count("dropped")
-        return build_manifest(
-            job.manifest_base, status=status, error=error, started_at=self.started_at,
-            updated_at=iso_now(), files=job.files.as_dict(),
-            counts={"finished": ok + failed + dropped, "succeeded": ok, "failed": failed,
-                    "failed_by_kind": dict(m.failed_by_kind), "skipped_done": m.resumed,
-                    "results_in_file": m.streams["results"].lines},
-            steps={name: {k: int(totals.steps.get(name, Counter())[k])
-                          for k in ("done", "validation_retries", "dropped")}
-                   for name in job.step_names},
-            calls={"requests": s.requests, "retries": s.retries,
-                   "rate_limited": s.rate_limited, "errors_by_kind": dict(s.errors_by_kind),
-                   "cache_hits": s.cache_hits, "cache_misses": s.cache_misses},
-            tokens={"prompt": s.prompt_tokens, "completion": s.completion_tokens,
-                    "total": s.prompt_tokens + s.completion_tokens},
-            cost_usd=s.cost_usd,
-            timings={"duration_s": round(elapsed, 3),
-                     "items_per_s": round((ok + failed + dropped) / elapsed, 3)
-                     if elapsed > 0 else None,
-                     "mean_latency_s": round(totals.latency_total / ok, 4) if ok else None},
-            extra={"dropped": {"total": dropped, "by_step": dict(totals.dropped_by_step)},
-                   "callbacks": {"on_record_errors": self.callback_errors
-                                 + totals.callback_errors},
-                   "cluster": self.cluster_section()})
-
-    def cluster_section(self) -> dict[str, Any]:
         assert self.merger is not None
-        rows = attempt_rows(self.attempts, rt.alive_nodes() if self.attempts else set())
-        lost = sorted({r["node"] for r in rows if r["status"] == "lost"})
-        tries = Counter(r["shard"] for r in rows)
-        return {"executor": "ray", "shards": self.plan.count, "nodes": self.nodes,
-                "shard_folder": str(self.plan.layout.folder),
-                "skipped_finished_shards": self.plan.skipped, "attempts": rows,
-                "retried_shards": sorted(s for s, n in tries.items() if n > 1),
-                "node_failures": lost, "budget": self.budget, **self.merger.summary()}
-
-
-def _order(record: dict[str, Any]) -> tuple[Any, ...]:
-    """Input order: the item's index, then its samples and fan-out children by key."""
-    key = str(record.get("key", ""))[32:]
-    marks = [int(part) for part in key.replace("#", "/").split("/")[1:] if part.isdigit()]
-    return (record.get("index", 0), marks)
+        cluster = {"executor": "ray", "shards": self.plan.count, "nodes": self.nodes,
+                   "shard_folder": str(self.plan.layout.folder),
+                   "skipped_finished_shards": self.plan.skipped, "budget": self.budget}
+        return run_manifest(self.job, self.merger, self.attempts, status=status, error=error,
+                            started_at=self.started_at, elapsed=time.monotonic() - self.t0,
+                            callback_errors=self.callback_errors, cluster=cluster)

@@ -30,7 +30,7 @@ from datagen.llm.throttle import AdaptiveConcurrency, EndpointLimits, Estimate, 
 from datagen.redact import get_logger
 
 log = get_logger("datagen.llm")
-SYNC_S = 0.2
+SYNC_S = 0.1
 SLICE_MAX = 16
 
 
@@ -98,6 +98,7 @@ class ClusterLimits(EndpointLimits):
         self._cold = True
         self._report: dict[str, Any] = {"tokens": Counter(), "done": 0, "limited": 0}
         self._sync: asyncio.Future[None] | None = None
+        self._flushing: asyncio.Future[None] | None = None
         self._share: int | None = None
         self.slice = max(1, min(SLICE_MAX, self.window.count // 8)) if self.window else 1
 
@@ -154,6 +155,7 @@ class ClusterLimits(EndpointLimits):
     def pause(self, seconds: float, reason: str) -> float:
         taken = super().pause(seconds, reason)
         self._report["pause"] = (taken, reason)
+        self._flushing = asyncio.ensure_future(self._flush())  # every worker, at once
         return taken
 
     def used(self, estimate: Estimate, prompt: int, completion: int) -> None:
