@@ -6,15 +6,21 @@ from __future__ import annotations
 
 from datagen.engine import execute
 from datagen.engine.job import Job
+from datagen.errors import ConfigError
 from datagen.redact import get_logger
 from datagen.result import RunResult
 from datagen.runlog import RunLog
+from datagen.shards import ShardLayout
 
 log = get_logger("datagen.pipeline")
 
 
 async def run_local(job: Job) -> RunResult:
     try:
+        shards = ShardLayout.of(job.files).folder
+        if job.manifest_base.get("resumed") and shards.is_dir():
+            raise ConfigError(f"{job.files.results} was made on a cluster (its shards are in "
+                              f"{shards}): resume it with executor='ray' (--executor ray)")
         with RunLog(job.files.log):
             log.info("run started: model %s, %s items, concurrency %d, output %s%s",
                      job.manifest_base.get("model"),

@@ -193,8 +193,9 @@ class ClusterLimits(EndpointLimits):
             slots, state = await self.port.lease(self.key, min(self._waiting, self.slice),
                                                  probe)
             self._apply(state, t0, time.monotonic())
-            if not slots:  # paused, or another worker's first request is on its way
-                await asyncio.sleep(min(0.05, max(0.003, state["pause"], state["held"])))
+            if not slots:  # paused, held for another's first request, or all granted
+                await asyncio.sleep(min(0.05, max(0.002, state["pause"], state["held"],
+                                                  state["next"])))
                 return
             self._cold = self._cold and not probe
             self._slots.extend((self.offset.local(at), at, probe) for at in slots)

@@ -22,12 +22,19 @@ from typing import Any
 from datagen.llm.ratewindow import RateWindow, TokenBudget
 
 # A cluster's grants travel to workers on other machines: their clock offsets are
-# estimated to ~0.1-1 ms, a slot may be used up to LATE_S after its moment, and a send
-# later than that is reported and moves its slot. The margin covers those on top of the
-# transport's own jitter (SEND_JITTER_MARGIN_S): it costs count x margin of the rate.
-CLUSTER_MARGIN_S = 0.03
+# estimated to ~0.1-1 ms, a slot may be used up to LATE_S after its moment, a send later
+# than that is reported and moves its slot, and the nodes' paths to the provider differ.
+# The margin covers those on top of the transport's own jitter (SEND_JITTER_MARGIN_S):
+# it costs count x margin of the rate (the two together: 0.1 s, ~9% at the cap). Measured
+# on a 2-core box running a 3-node cluster and other jobs: the senders' own windows never
+# passed the cap, while a server starved of CPU stamped arrivals up to 124 ms late.
+CLUSTER_MARGIN_S = 0.07
 LATE_S = 0.015
 PROBE_HOLD_S = 2.0
+# Slots are granted at most this far ahead: however many workers lease, none holds the
+# future, and a send reported late (up to ~window - horizon) moves its slot before the
+# slots it must keep its distance from are granted.
+HORIZON_S = 0.25
 
 
 class SlotLog:
@@ -47,17 +54,24 @@ class SlotLog:
     def held_for(self, now: float) -> float:
         return max(0.0, self.held_until - now) if self._probe is not None else 0.0
 
+    def next_free(self, now: float) -> float:
+        at = now
+        if self._slots:
+            at = max(at, self._slots[-1] + self.spacing)
+        if len(self._slots) == self.count:
+            at = max(at, self._slots[0] + self.window + self.margin)
+        return at
+
     def grant(self, now: float, n: int, probe: bool = False) -> list[float]:
-        out = []
-        for _ in range(1 if probe else n):
-            at = now
-            if self._slots:
-                at = max(at, self._slots[-1] + self.spacing)
-            if len(self._slots) == self.count:
-                at = max(at, self._slots[0] + self.window + self.margin)
+        """Up to ``n`` slots (one for a probe), none further than HORIZON_S ahead."""
+        out: list[float] = []
+        while len(out) < (1 if probe else n):
+            at = self.next_free(now)
+            if at > now + HORIZON_S:
+                break
             self._slots.append(at)
             out.append(at)
-        if probe:
+        if probe and out:
             self._probe, self.held_until = out[0], now + PROBE_HOLD_S
         return out
 
@@ -149,7 +163,9 @@ class EndpointBudget:
         c = self.concurrency
         return {"now": now, "pause": max(0.0, self.paused_until - now),
                 "reason": self.pause_reason, "limit": c.limit, "maximum": c.maximum,
-                "held": self.slots.held_for(now) if self.slots is not None else 0.0}
+                "held": self.slots.held_for(now) if self.slots is not None else 0.0,
+                "next": max(0.0, self.slots.next_free(now) - now - HORIZON_S)
+                if self.slots is not None else 0.0}
 
 
 class ClusterBudget:
