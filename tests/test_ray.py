@@ -32,6 +32,7 @@ ray = pytest.importorskip("ray", reason='the ray extra is not installed: pip ins
 from datagen import DataGenerationPipeline  # noqa: E402
 from datagen.errors import ConfigError  # noqa: E402
 from datagen.executors.ray import RayExecutor  # noqa: E402
+from datagen.lease import read_epoch  # noqa: E402
 from datagen.testing import FakeOpenAIServer, FakeReply  # noqa: E402
 from datagen.testing.ray_cluster import LocalRayCluster  # noqa: E402
 
@@ -148,6 +149,52 @@ def test_node_killed_mid_run_still_exactly_once(cluster: LocalRayCluster,
     lost = [a for a in cl["attempts"] if a["status"] == "lost"]
     assert len(lost) == 2 and {a["node"] for a in lost} == {victim}
     assert requests <= 2000 + 2 * 6  # at most what the lost shards had in flight
+
+
+def test_a_stale_attempt_cannot_write_a_duplicate(cluster: LocalRayCluster,
+                                                  tmp_path: Path) -> None:
+    """A node cut off, not crashed (frozen with SIGSTOP): the cluster declares it dead, but
+    Ray never fails or reruns its tasks (their references stay pending), so the driver
+    runs those shards again itself; then the node comes back and its attempts, stale now,
+    try to append what they were answered meanwhile. The lease refuses every line."""
+    victim = cluster.ips[-1]
+    output = tmp_path / "output"
+
+    def partition() -> None:
+        cluster.freeze_node(victim)
+        end = time.monotonic() + 60
+        while time.monotonic() < end and sum(
+                read_epoch(lease) >= 2 for lease in output.glob("*.shards/*.lease")) < 2:
+            time.sleep(0.05)  # until both its shards run again elsewhere
+        time.sleep(0.3)
+        cluster.freeze_node(victim, frozen=False)
+
+    with FakeOpenAIServer(responder=topic_draft, latency=0.2) as server:
+        p = pipeline(tmp_path, server)
+        watch_parts(output, 300, partition)
+        try:
+            result = p.run_sync(make_pool(1200), concurrency_limit=6,
+                                extract_function=p.make_default_extractor(),
+                                executor=RayExecutor(shards=6))
+            logs = list(output.glob("*.shards/*.part-*.log"))
+            end = time.monotonic() + 10
+            while time.monotonic() < end and not fenced(logs):
+                time.sleep(0.1)
+        finally:
+            cluster.freeze_node(victim, frozen=False)
+            cluster.kill_node(victim)
+        requests = server.request_count
+    cluster.add_node(victim)
+    assert result.status == "completed"
+    assert_exactly(result.files.results, 1200)
+    assert len(fenced(logs)) == 2, "the stale attempts were not refused"
+    abandoned = result.manifest["cluster"]["abandoned_attempts"]
+    assert sorted(a["node"] for a in abandoned) == [victim, victim]
+    assert requests <= 1200 + 2 * 6
+
+
+def fenced(logs: list[Path]) -> list[str]:
+    return [log.name for log in logs if "superseded by attempt" in log.read_text()]
 
 
 FOLDER_PIPELINE = '''

@@ -7,8 +7,6 @@ display fed by the shards' reports, and the manifest."""
 from __future__ import annotations
 
 import asyncio
-import signal
-import threading
 import time
 from typing import Any
 
@@ -23,6 +21,7 @@ from datagen.executors.ray_board import shard_states
 from datagen.executors.ray_merge import Merger
 from datagen.executors.ray_plan import ShardPlan
 from datagen.executors.ray_report import LiveView, input_order, run_manifest, summary
+from datagen.executors.ray_tasks import ShardTasks
 from datagen.redact import get_logger, redact
 from datagen.result import RunResult
 from datagen.store import iso_now, write_json
@@ -31,7 +30,6 @@ from datagen.usercode import UserCodeError, call_user
 log = get_logger("datagen.pipeline")
 ray: Any = _ray  # typed loosely: Ray's own annotations are partial
 TICK_S = 0.5
-STALE_RELAUNCHES = 3
 
 
 class ClusterRun:
@@ -43,11 +41,9 @@ class ClusterRun:
         self.attempts: list[dict[str, Any]] = []
         self.budget: dict[str, Any] = {}
         self.failure: DatagenError | None = None
-        self.interrupts = 0
-        self.signal: int | None = None
         self.records: list[dict[str, Any]] = []
         self.callback_errors = 0
-        self.pending: dict[Any, int] = {}
+        self.tasks: ShardTasks | None = None
         self.completed: list[tuple[int, int]] = []
         self.nodes: list[str] = []
         self.view = LiveView(job)
@@ -74,13 +70,15 @@ class ClusterRun:
                 "them at the top level of your script or of a module every node can "
                 "import, or run a pipeline folder") from exc
         coordinator = rt.start_coordinator(f"datagen-{job.files.stem}-{id(self):x}")
+        tasks = self.tasks = ShardTasks(plan, self.ex, shipped, coordinator)
+        tasks.shutdown_timeout = job.options.shutdown_timeout
         try:
-            for run in plan.runs():
-                self.pending[self._launch(shipped, run, coordinator)] = run.index
+            for shard in plan.to_run:
+                tasks.launch(shard)
             job.display.start(job.total if job.total is not None else plan.total)
-            await self._loop(shipped, coordinator)
+            await self._loop(tasks, coordinator)
         except BaseException as exc:
-            self._cancel(force=True)
+            tasks.cancel(force=True)
             self.failure = self.failure or (exc if isinstance(exc, DatagenError) else None)
             self._finish("interrupted" if self.failure is None else "failed")
             raise
@@ -88,28 +86,18 @@ class ClusterRun:
             ray.kill(coordinator)
         return self._finish(None)
 
-    def _launch(self, shipped: Any, run: Any, coordinator: Any) -> Any:
-        return rt.launch(shipped, run, coordinator, self.ex.num_cpus, self.ex.max_retries)
-
     # ---- the loop --------------------------------------------------------------------
 
-    async def _loop(self, shipped: Any, coordinator: Any) -> None:
-        restore = self._install_signals()
-        relaunched: dict[int, int] = {}
+    async def _loop(self, tasks: ShardTasks, coordinator: Any) -> None:
+        restore = tasks.install_signals()
         try:
-            while self.pending:
-                ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending),
-                                    timeout=0)
-                for ref in ready:
-                    shard = self.pending.pop(ref)
-                    outcome = self._outcome(ref, shard)
-                    if outcome.get("status") == "stale" and not self.interrupts and \
-                            relaunched.get(shard, 0) < STALE_RELAUNCHES:
-                        relaunched[shard] = relaunched.get(shard, 0) + 1
-                        self.pending[self._launch(shipped, self.plan.run_of(shard),
-                                                  coordinator)] = shard
+            while tasks.pending:
+                for ref, shard in tasks.ready():
+                    if self._outcome(ref, shard).get("status") == "stale":
+                        tasks.stale(shard)
                 await self._tick(coordinator)
-                if self.pending:
+                tasks.abandon_lost(self.attempts)
+                if tasks.pending:
                     await asyncio.sleep(TICK_S)
             await self._tick(coordinator, final=True)
         finally:
@@ -121,7 +109,7 @@ class ClusterRun:
         except (ray.exceptions.TaskCancelledError, KeyboardInterrupt):
             return {"status": "interrupted"}
         except ray.exceptions.RayError as exc:
-            if not self.interrupts:
+            if not self.interrupted:
                 message = redact(str(exc).strip().splitlines()[-1][:500])
                 self.failure = self.failure or DatagenError(
                     f"shard {shard} could not finish: its attempts failed "
@@ -134,7 +122,8 @@ class ClusterRun:
             error = outcome["error"]
             self.failure = RunAbortedError(error["message"], error["kind"]) \
                 if error["type"] == "RunAbortedError" else DatagenError(error["message"])
-            self._cancel(force=False)  # no retry can help: stop paying now
+            assert self.tasks is not None
+            self.tasks.cancel(force=False)  # no retry can help: stop paying now
         return outcome
 
     async def _tick(self, coordinator: Any, final: bool = False) -> None:
@@ -173,37 +162,9 @@ class ClusterRun:
         notes = [shard_states(self.attempts, self.plan.count, len(self.plan.skipped))]
         self.view.show(self.merger, self.attempts, notes)
 
-    # ---- stopping --------------------------------------------------------------------
-
-    def _cancel(self, force: bool) -> None:
-        for ref in list(self.pending):
-            try:
-                ray.cancel(ref, force=force)
-            except Exception:  # already finished, or its worker is gone
-                log.debug("cancelling a shard failed", exc_info=True)
-
-    def _install_signals(self) -> Any:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, self._on_signal, sig)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                continue
-        return lambda: [loop.remove_signal_handler(sig) for sig in installed]
-
-    def _on_signal(self, sig: int) -> None:
-        self.interrupts += 1
-        self.signal = sig
-        log.warning("%s: stopping the shards (the files stay valid; resume continues)",
-                    signal.Signals(sig).name)
-        self._cancel(force=self.interrupts > 1)
-        if self.interrupts == 1:
-            asyncio.get_running_loop().call_later(self.job.options.shutdown_timeout,
-                                                  self._cancel, True)
+    @property
+    def interrupted(self) -> bool:
+        return self.tasks is not None and self.tasks.interrupts > 0
 
     # ---- the end ---------------------------------------------------------------------
 
@@ -212,7 +173,7 @@ class ClusterRun:
         if merger is not None:
             merger.close()
         if status is None:
-            status = "failed" if self.failure else "interrupted" if self.interrupts else \
+            status = "failed" if self.failure else "interrupted" if self.interrupted else \
                 "completed"
         error = None
         if self.failure is not None:
@@ -229,17 +190,20 @@ class ClusterRun:
         if self.failure is not None:
             self.failure.result = result  # type: ignore[attr-defined]
             raise self.failure
-        if self.interrupts:
+        if self.interrupted:
+            assert self.tasks is not None
             raise RunInterrupted(
                 f"interrupted: {manifest['counts']['succeeded']} records written to "
-                f"{job.files.results}; resume=True continues the run", result, self.signal)
+                f"{job.files.results}; resume=True continues the run", result,
+                self.tasks.signal)
         return result
 
     def manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
         assert self.merger is not None
         cluster = {"executor": "ray", "shards": self.plan.count, "nodes": self.nodes,
                    "shard_folder": str(self.plan.layout.folder),
-                   "skipped_finished_shards": self.plan.skipped, "budget": self.budget}
+                   "skipped_finished_shards": self.plan.skipped, "budget": self.budget,
+                   "abandoned_attempts": self.tasks.abandoned if self.tasks else []}
         return run_manifest(self.job, self.merger, self.attempts, status=status, error=error,
                             started_at=self.started_at, elapsed=time.monotonic() - self.t0,
                             callback_errors=self.callback_errors, cluster=cluster)

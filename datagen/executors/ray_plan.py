@@ -129,9 +129,6 @@ class ShardPlan:
                         cache=cache_path(configured, i, self.count), concurrency=concurrency,
                         failures_from=self.offsets[i])
 
-    def runs(self) -> list[ShardRun]:
-        return [self.run_of(i) for i in self.to_run]
-
     def finished(self, i: int, epoch: int, clean: bool) -> None:
         """Shard ``i`` completed (``clean``: no item of it failed in this run, so a
         resumed run has nothing to retry there and skips it)."""

@@ -94,9 +94,13 @@ def pids_with_env(entry: bytes, prefix: bool = False) -> list[int]:
 
 
 def _kill(pids: list[int]) -> None:
+    _signal(pids, signal.SIGKILL)
+
+
+def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
 
 
 def _die_with_parent() -> None:
@@ -242,23 +246,35 @@ class LocalRayCluster:
         entry = f"{MARKER}={self.id}/{ip}" if ip else f"{MARKER}={self.id}/"
         return [p for p in pids_with_env(entry.encode(), prefix=ip is None) if _alive(p)]
 
-    def kill_node(self, ip: str, _teardown: bool = False) -> float:
+    def kill_node(self, ip: str, _teardown: bool = False, orphan_workers: bool = False
+                  ) -> float:
         """Crash one node: SIGKILL its process group and every process carrying its
-        marker (its workers too). Returns the seconds it took."""
+        marker (its workers too; with ``orphan_workers`` they are left running, as after
+        a raylet crash: stale attempts). Returns the seconds it took."""
         if ip == self.head_ip and not _teardown:
             raise ValueError("killing the head node takes the whole cluster down")
         t0 = time.monotonic()
         p = self.procs.pop(ip)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        if not orphan_workers:
+            self.kill_orphans(ip)
+        return time.monotonic() - t0
+
+    def freeze_node(self, ip: str, frozen: bool = True) -> None:
+        """SIGSTOP (``frozen``) or SIGCONT every process of a node: a node cut off (or
+        stalled) long enough to be declared dead, which may then come back."""
+        _signal(self.node_pids(ip), signal.SIGSTOP if frozen else signal.SIGCONT)
+
+    def kill_orphans(self, ip: str) -> None:
+        """SIGKILL what is left of a killed node (its worker processes)."""
         for _ in range(50):
             pids = self.node_pids(ip)
             if not pids:
                 break
             _kill(pids)
             time.sleep(0.02)
-        p.wait()
-        return time.monotonic() - t0
 
     def shutdown(self) -> None:
         """Stop only this cluster (SIGKILL: a graceful stop takes ~30 s, and a test
