@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from datagen.errors import DataPoolError
+from datagen.errors import ConfigError, DataPoolError
 from datagen.pool import Pool, PoolItem
 from datagen.seen import KeyIndex
 from datagen.store import RunFiles
@@ -203,3 +203,13 @@ def failure_keys_since(path: Path, offset: int, into: KeyIndex) -> int:
                 into.add(key)
                 added += 1
     return added
+
+
+def not_shared(folder: Path, problems: list[str]) -> ConfigError:
+    """The error of a run folder some node of the cluster cannot see (or write in)."""
+    return ConfigError(
+        f"the run folder {folder} is not shared by every node of the cluster: "
+        + "; ".join(problems) + ". A cluster run's shards write their files from every "
+        "node: put output_data.output_dir (and the pool and pipeline files) on a "
+        "filesystem every node mounts at the same path (NFS, a cloud file share), e.g. "
+        "--output /mnt/shared/out")

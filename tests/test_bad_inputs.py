@@ -296,6 +296,59 @@ def _yaml_twice(c: Case) -> str:
     return error_of(lambda: DataGenerationPipeline(config=c.cfg))
 
 
+def _ray_missing(c: Case) -> str:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.util, "find_spec",
+                   lambda name, *a: None if name == "ray" else real(name, *a))
+        return error_of(lambda: c.pipe().run_sync(make_pool(1), executor="ray"))
+
+
+def _needs_ray() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip('needs the ray extra: pip install "datagen[ray]"')
+
+
+def _not_shared(c: Case) -> str:
+    """The message; tests/test_ray.py makes a node that cannot see the folder for real."""
+    from datagen.shards import not_shared
+
+    folder = c.tmp / "output" / "demo_20261130_003815.shards"
+    problem = f"node 127.0.0.5: cannot read {folder}/.probe-e1da338e: No such file or directory"
+    return str(not_shared(folder, [problem]))
+
+
+def _cluster_resumed_locally(c: Case) -> str:
+    from datagen.shards import ShardLayout
+
+    result = c.pipe().run_sync(make_pool(1))
+    ShardLayout.of(result.files).folder.mkdir()  # as a cluster run leaves it
+    before = c.server.request_count
+    message = error_of(lambda: c.pipe().run_sync(make_pool(2), resume=True))
+    assert c.server.request_count == before
+    return message
+
+
+def _local_resumed_on_cluster(c: Case) -> str:
+    _needs_ray()
+    c.pipe().run_sync(make_pool(1))
+    before = c.server.request_count
+    message = error_of(lambda: c.pipe().run_sync(make_pool(2), resume=True, executor="ray"))
+    assert c.server.request_count == before
+    return message
+
+
+def _shards_zero(c: Case) -> str:
+    _needs_ray()
+    from datagen.executors.ray import RayExecutor
+
+    return error_of(lambda: RayExecutor(shards=0))
+
+
 CASES: dict[str, Callable[[Case], str]] = {
     "config file missing": lambda c: error_of(
         lambda: DataGenerationPipeline(config=c.tmp / "nope.yaml")),
@@ -389,6 +442,13 @@ CASES: dict[str, Callable[[Case], str]] = {
         c, "def build(pipeline):\n    raise RuntimeError('the input folder is not mounted')\n"),
     "`--max-failure-rate` outside 0-1": lambda c: _cli(c, "run", "--max-failure-rate", "-5"),
     "`--limit` below 1": lambda c: _cli(c, "run", "--limit", "-1"),
+    "`executor=\"ray\"` without Ray installed": _ray_missing,
+    "a run folder a node of the cluster cannot see": _not_shared,
+    "a cluster run resumed in one process": _cluster_resumed_locally,
+    "a one-process run resumed on a cluster": _local_resumed_on_cluster,
+    "`shards` below 1": _shards_zero,
+    "`--address` or `--shards` without `--executor ray`": lambda c: _cli(
+        c, "run", "--shards", "4"),
 }
 
 
@@ -400,7 +460,8 @@ ITEM_LEVEL = {  # the run goes on: a line in the failures file (checked by failu
 }
 AFTER_A_RUN = {  # the case makes a run first, then checks that the refusal sent nothing
     "resume after the templates changed", "resume against another server",
-    "a second process writing the same run",
+    "a second process writing the same run", "a cluster run resumed in one process",
+    "a one-process run resumed on a cluster",
 }
 SENDS = {  # the fault is only known from an answer, or is about writing one
     "invalid API key (401)", "model not found (404)", "the disk fills up",

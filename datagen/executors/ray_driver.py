@@ -53,6 +53,7 @@ class ClusterRun:
         if job.make_shard is None:
             raise ConfigError("this job cannot run on a cluster: it was not made by "
                               "pipeline.prepare() (it has no make_shard)")
+        plan.check()
         rt.connect(self.ex.address, self.ex.init)
         plan.open(rt.cluster_cpus())
         self.nodes = rt.check_shared_folder(plan.layout.folder, plan.shared_files())

@@ -38,14 +38,23 @@ class ShardPlan:
         self.total: int | None = job.total
         self.meta: dict[str, Any] = {}
 
-    def open(self, cpus: int) -> None:
-        """The shard count: the resumed run's own, else the one asked for, else the
-        cluster's CPUs (never more shards than items)."""
+    def check(self) -> None:
+        """Before anything else: a run made in one process is not resumed on a cluster."""
         job = self.job
         try:
             self.previous = orjson.loads(self.layout.meta.read_bytes())
         except (OSError, orjson.JSONDecodeError):
             self.previous = None
+        if self.previous is None and (job.resumed or len(job.done)):
+            raise ConfigError(
+                f"{job.files.results} was made by a run in one process (it has no "
+                f"{self.layout.folder.name} folder): resume it without executor='ray' "
+                "(--executor local), or start a new run on the cluster")
+
+    def open(self, cpus: int) -> None:
+        """The shard count: the resumed run's own, else the one asked for, else the
+        cluster's CPUs (never more shards than items)."""
+        job = self.job
         if self.previous is not None:
             self.count = int(self.previous["count"])
             if self.wanted and self.wanted != self.count:
@@ -53,11 +62,6 @@ class ShardPlan:
                             "shard depends on the count), not %d", job.files.results,
                             self.count, self.count, self.wanted)
             return
-        if job.resumed or len(job.done):
-            raise ConfigError(
-                f"{job.files.results} was made by a run in one process (it has no "
-                f"{self.layout.folder.name} folder): resume it without executor='ray' "
-                "(--executor local), or start a new run on the cluster")
         count = self.wanted or max(1, cpus)
         self.count = max(1, min(count, job.total)) if job.total else count
 

@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from datagen.errors import ConfigError
 from datagen.executors.ray_board import Board
 from datagen.llm.clusterbudget import ClusterBudget
-from datagen.shards import ShardRun
+from datagen.shards import ShardRun, not_shared
 
 ray: Any = _ray  # typed loosely: Ray's own annotations are partial
 
@@ -203,12 +203,7 @@ def check_shared_folder(folder: Path, others: list[Path], timeout: float = 120.0
         for path in folder.glob(f".probe-{token}*"):
             path.unlink(missing_ok=True)
     if problems:
-        raise ConfigError(
-            f"the run folder {folder} is not shared by every node of the cluster: "
-            + "; ".join(problems) + ". A cluster run's shards write their files from "
-            "every node: put output_data.output_dir (and the pool and pipeline files) on "
-            "a filesystem every node mounts at the same path (NFS, a cloud file share), "
-            "e.g. --output /mnt/shared/out")
+        raise not_shared(folder, problems)
     return sorted(n["NodeManagerAddress"] for n in nodes)
 
 
