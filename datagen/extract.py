@@ -78,6 +78,16 @@ class TagExtractor(Extractor[str]):
         max_chars = None if max_tokens is None else max(16, (max_tokens - 16) * 3)
         return {"grammar": self.gbnf(max_chars)}
 
+    def constraint_after(self, prefill: str, max_tokens: int | None = None
+                         ) -> dict[str, Any] | None:
+        """The constraint for the continuation of the assistant's opening words: the block
+        whole, or only its body and closing tag when the prefill opened it already."""
+        if not prefill.rstrip().endswith(f"<{self.tag_name}>"):
+            return self.constraint(max_tokens)
+        max_chars = None if max_tokens is None else max(16, (max_tokens - 16) * 3)
+        rest = "[^<]*" if max_chars is None else f"[^<]{{0,{max(1, max_chars - 1)}}}"
+        return {"grammar": f'root ::= [ \\t\\n]* [^< \\t\\n] {rest} "</{self.tag_name}>"\n'}
+
     def extract(self, text: str) -> str:
         # The first closing tag ends the first complete block; its opening tag is the last
         # one before it (so "<d> stray <d>real</d>" gives "real").

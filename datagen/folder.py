@@ -53,6 +53,10 @@ class PipelineFolder:
     module: ModuleType | None
 
     @property
+    def has_data_pool(self) -> bool:
+        return callable(getattr(self.module, "data_pool", None))
+
+    @property
     def params(self) -> dict[str, Any]:
         return dict(self.pipeline.settings.params)
 

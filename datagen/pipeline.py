@@ -185,6 +185,21 @@ class DataGenerationPipeline(StepBuilder):
             fsync_interval=self.settings.output_data.fsync_interval,
             cache_salt=run.cache_salt)
 
+    def check(self, data_pool: Any, extract_function: ExtractFunction | None = None
+              ) -> int | None:
+        """Everything a run checks before its first request, with nothing sent or
+        written: the providers, the prompts against the models (a prefill where a model
+        cannot continue one), and every item of ``data_pool`` against every template.
+        Returns the number of items checked (None without a pool)."""
+        from datagen.pool import checked_items, open_pool
+
+        plan = self._plan(extract_function)
+        plan.check_models()
+        if data_pool is None:
+            return None
+        return sum(1 for _ in checked_items(open_pool(data_pool), plan.make_item,
+                                            plan.check_item))
+
     def estimate(self, data_pool: Any, sample_size: int | None = None, seed: int = 0,
                  extract_function: ExtractFunction | None = None, fanout: float = 1.0
                  ) -> Estimate:

@@ -96,6 +96,10 @@ class Plan(Protocol):
 
     def check_item(self, item: PoolItem) -> None: ...
 
+    def check_models(self) -> None:
+        """Each model's provider, and each prompt against its model (a prefill where the
+        model cannot continue one): ConfigError before anything is written."""
+
     def runtimes(self, callers: dict[str | None, Caller]) -> list[StepRuntime]: ...
 
     def record(self, state: ItemState) -> dict[str, Any]: ...

@@ -103,8 +103,7 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
     resume = check_resume_value(run.resume if resume is None else resume)
     pool = open_pool(data_pool)
     precheck(pool, plan)
-    for name in plan.model_names:
-        runtime.check_provider(settings.named_model(name))
+    plan.check_models()
     opened = open_run(settings, resume, plan.fingerprint)
     try:
         cache = ResponseCache(run.cache_path or Path(settings.output_data.output_dir)

@@ -106,8 +106,16 @@ def check(args: argparse.Namespace) -> int:
 
     try:
         folder = load_folder(args.path, **overrides(args))
+        pipeline = folder.pipeline
+        items = None
+        if args.pool or folder.has_data_pool:  # every item checked as a run checks it
+            extractor = None if pipeline.step_names else folder.extract_function
+            items = pipeline.check(pool_of(folder, args), extract_function=extractor)
+        else:
+            pipeline.check(None)
     except DatagenError as exc:
         return error(exc)
-    steps = ", ".join(folder.pipeline.step_names) or "single step"
-    print(f"{args.path}: OK (model {folder.pipeline.settings.model.model_string()}; {steps})")
+    steps = ", ".join(pipeline.step_names) or "single step"
+    checked = f"; {items} items checked" if items is not None else "; no data pool to check"
+    print(f"{args.path}: OK (model {pipeline.settings.model.model_string()}; {steps}{checked})")
     return EXIT_OK

@@ -123,6 +123,7 @@ class Caller:
     async def _failed(self, err: CallError, attempt: int) -> None:
         """Count a failed attempt; raise it if it is final, else wait before the next."""
         self.stats.errors_by_kind[err.kind] += 1
+        self.throttle.limits.observe(err.rate_limits)
         if err.kind == "rate_limit":
             self.stats.rate_limited += 1
             self.throttle.rate_limited()
@@ -141,6 +142,7 @@ class Caller:
         if prefill:  # the record holds the whole answer: the prefill and its continuation
             completion = _with_prefix(completion, prefill)
         usage = completion.usage
+        self.throttle.limits.observe(completion.rate_limits)
         if estimate is not None:
             self.throttle.used_tokens(estimate, usage.prompt_tokens, usage.completion_tokens)
         if self.throttle.concurrency is not None:

@@ -15,7 +15,8 @@ from types import ModuleType
 from typing import Any
 
 from datagen.llm.errors import CallError, kind_for_status, parse_retry_after
-from datagen.llm.types import ChatRequest, Completion, Usage
+from datagen.llm.ratelimits import from_anthropic_headers, from_openai_headers
+from datagen.llm.types import ChatRequest, Completion, RateLimitInfo, Usage
 from datagen.redact import redact
 
 
@@ -46,6 +47,19 @@ def _headers_of(exc: BaseException) -> Any:
     return getattr(response, "headers", None)
 
 
+def rate_limits_of(headers: Any) -> RateLimitInfo | None:
+    """The limits a response's headers state, as litellm hands them on: OpenAI's
+    x-ratelimit-* as sent, other providers' behind ``llm_provider-``."""
+    if not headers:
+        return None
+    try:
+        plain = {str(k).lower().removeprefix("llm_provider-"): str(v)
+                 for k, v in dict(headers).items()}
+    except (TypeError, ValueError):
+        return None
+    return from_openai_headers(plain) or from_anthropic_headers(plain)
+
+
 _UNREADABLE = ("Invalid response object", "Empty or invalid response",
                "LiteLLM: provider returned")
 
@@ -56,7 +70,15 @@ def classify(exc: BaseException) -> CallError:
     message = redact(str(getattr(exc, "message", None) or exc) or type(exc).__name__)
     status = getattr(exc, "status_code", None)
     status = status if isinstance(status, int) else None
-    retry_after = parse_retry_after(_headers_of(exc))
+    headers = _headers_of(exc)
+    retry_after = parse_retry_after(headers)
+    error = _classified(litellm, exc, message, status, retry_after)
+    error.rate_limits = rate_limits_of(headers)
+    return error
+
+
+def _classified(litellm: ModuleType, exc: BaseException, message: str, status: int | None,
+                retry_after: float | None) -> CallError:
     checks: list[tuple[type[BaseException], str]] = [
         (litellm.ContextWindowExceededError, "context_window"),
         (litellm.ContentPolicyViolationError, "content_filter"),
@@ -111,6 +133,8 @@ def _to_completion(response: Any, latency: float) -> Completion:
     if text is None:
         raise CallError("empty_response", "the response has no text content")
     usage = getattr(response, "usage", None)
+    hidden = getattr(response, "_hidden_params", None)
+    headers = hidden.get("additional_headers") if isinstance(hidden, dict) else None
     return Completion(
         text=text,
         finish_reason=getattr(choice, "finish_reason", None),
@@ -120,6 +144,7 @@ def _to_completion(response: Any, latency: float) -> Completion:
         ),
         model=str(getattr(response, "model", "") or ""),
         latency_s=latency,
+        rate_limits=rate_limits_of(headers),
     )
 
 
@@ -127,9 +152,15 @@ class LiteLLMTransport:
     """Sends a :class:`ChatRequest` through ``litellm.acompletion``."""
 
     name = "litellm"
+    prefill = ""  # how a chat ending with the assistant's turn is sent (runtime sets it)
 
     async def complete(self, request: ChatRequest) -> Completion:
         litellm = import_litellm()
+        prompt = request.prompt
+        if prompt is None and request.prefill is not None and self.prefill == "template":
+            from datagen.llm.local import template_prompt
+
+            prompt = template_prompt(request.model, list(request.messages))
         kwargs: dict[str, Any] = {
             "model": request.model,
             "messages": request.messages,
@@ -146,11 +177,15 @@ class LiteLLMTransport:
             kwargs["api_base"] = request.base_url
         if request.headers:
             kwargs["extra_headers"] = dict(request.headers)
+        if request.prefill is not None and self.prefill == "continue":
+            kwargs["extra_body"] = {**(kwargs.get("extra_body") or {}),
+                                    "continue_final_message": True,
+                                    "add_generation_prompt": False}
         started = time.perf_counter()
         try:
-            if request.prompt is not None:  # text completion: a base model, a plain prompt
+            if prompt is not None:  # text completion: a base model, a plain prompt
                 kwargs.pop("messages")
-                response = await litellm.atext_completion(prompt=request.prompt, **kwargs)
+                response = await litellm.atext_completion(prompt=prompt, **kwargs)
             else:
                 response = await litellm.acompletion(**kwargs)
         except CallError:

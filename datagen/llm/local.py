@@ -125,10 +125,13 @@ class _Runtime:
                 )
             return self._models[name]
 
-    def chat_prompt(self, name: str, messages: list[dict[str, Any]]) -> str:
+    def chat_prompt(self, name: str, messages: list[dict[str, Any]],
+                    vocab_only: bool = False) -> str:
         """The model's own chat template applied to ``messages`` with the assistant's turn
-        opened (the text a chat completion would feed the model)."""
-        llm = self.model(name)
+        opened (the text a chat completion would feed the model). ``vocab_only``: from
+        the model's vocabulary and metadata alone (a quarter second, no weights: for a
+        model served elsewhere, e.g. by llama.cpp's server)."""
+        llm = self.vocabulary(name) if vocab_only else self.model(name)
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = llm.metadata.get("tokenizer.chat_template")
@@ -138,6 +141,14 @@ class _Runtime:
         bos = llm.detokenize([llm.token_bos()]).decode("utf-8", "replace")
         formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
         return str(formatter(messages=messages).prompt)  # type: ignore[arg-type]
+
+    def vocabulary(self, name: str) -> Any:
+        key = f"{name}#vocab"
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = _import_llama_cpp().Llama(
+                    model_path=str(model_file(name)), vocab_only=True, verbose=False)
+            return self._models[key]
 
     def generate(self, name: str, request: ChatRequest, params: dict[str, Any]
                  ) -> dict[str, Any]:
@@ -262,3 +273,12 @@ def make_transport(m: Any, concurrency: int) -> LocalTransport:
 
 def check_model(m: Any) -> None:
     check_available(m.model.removeprefix("local/"))
+
+
+def template_prompt(model: str, messages: list[dict[str, Any]]) -> str:
+    """A chat whose last message is the assistant's opening words, as the completion
+    prompt that continues it: the model's chat template with the assistant's turn left
+    open, then those words (for a local model served over HTTP by llama.cpp)."""
+    name = model.split("/", 1)[-1]
+    return runtime().chat_prompt(name, messages[:-1], vocab_only=True) + str(
+        messages[-1].get("content") or "")

@@ -173,25 +173,39 @@ class OpenAITransport:
         self.pool_size = pool_size
         self._session: Any = None
         self.track_sends = False  # set when the endpoint has a rate window
+        self.prefill = ""  # how a chat ending with the assistant's turn is sent (runtime)
 
     def _open(self) -> Any:
         if self._session is None or self._session.closed:
             self._session = open_session(self.pool_size, self._headers, self.track_sends)
         return self._session
 
-    def _body(self, request: ChatRequest) -> bytes:
+    def _body(self, request: ChatRequest) -> tuple[str, bytes]:
+        """The URL and the body of ``request``; a chat ending with the assistant's turn
+        (a prefill) as this server continues one."""
         params = dict(request.params)
         extra = params.pop("extra_body", None) or {}  # the openai SDK's way: merged in
         model = request.model.split("/", 1)[1] if "/" in request.model else request.model
-        if request.prompt is not None:
-            return orjson.dumps({"model": model, "prompt": request.prompt, **params, **extra})
-        return orjson.dumps({"model": model, "messages": request.messages, **params, **extra})
+        prompt = request.prompt
+        if prompt is None and request.prefill is not None:
+            if self.prefill == "template":  # llama.cpp's server: the template left open
+                from datagen.llm.local import template_prompt
+
+                prompt = template_prompt(request.model, list(request.messages))
+            elif self.prefill == "continue":  # vLLM, SGLang
+                extra = {**extra, "continue_final_message": True,
+                         "add_generation_prompt": False}
+        if prompt is not None:
+            return self.completions_url, orjson.dumps({"model": model, "prompt": prompt,
+                                                       **params, **extra})
+        return self.url, orjson.dumps({"model": model, "messages": request.messages,
+                                       **params, **extra})
 
     async def complete(self, request: ChatRequest) -> Completion:
         session = self._open()
         started = time.perf_counter()
-        url = self.completions_url if request.prompt is not None else self.url
-        status, raw, headers = await post(session, url, self._body(request), request.timeout)
+        url, body = self._body(request)
+        status, raw, headers = await post(session, url, body, request.timeout)
         rate_limits = from_openai_headers(headers)
         if status != 200:
             raise _classify(status, raw, headers, rate_limits)

@@ -50,6 +50,48 @@ def transport_name(m: ModelConfig) -> str:
     return m.transport
 
 
+def prefill_mode(m: ModelConfig) -> str:
+    """How ``m`` continues a chat that ends with the assistant's opening words: "native"
+    (the provider does: Anthropic), "continue" (vLLM/SGLang's continue_final_message),
+    "template" (the chat template with the assistant's turn left open: the embedded model
+    and llama.cpp's server), or "" when it cannot."""
+    from datagen.llm.openai_transport import speaks_openai
+
+    if m.prefill != "auto":
+        return "" if m.prefill == "off" else m.prefill
+    if m.is_embedded() or (m.provider == "local" and m.base_url):
+        return "template"
+    if providers.registered(m) is not None or m.effective_provider() == "anthropic":
+        return "native"
+    if speaks_openai(m.effective_provider()) and m.base_url:
+        return "continue"
+    return ""
+
+
+def check_prefill(m: ModelConfig, step: str) -> None:
+    """Raise ConfigError, naming the model, when a prompt ending with the assistant's turn
+    cannot be sent to it."""
+    mode = prefill_mode(m)
+    if not mode:
+        raise ConfigError(
+            f"step '{step}': its prompt ends with the assistant's turn (a prefill), and "
+            f"model {m.model_string()} cannot continue one (model.prefill: "
+            f"{m.prefill}). Use a model that can (provider anthropic; a vLLM or SGLang "
+            "server: prefill: continue; the embedded model or llama.cpp: prefill: template),"
+            " set prefill: native if this server continues a final assistant message "
+            "itself, or end the prompt with the user's message.")
+    if mode == "template" and not m.is_embedded():
+        from datagen.llm.local import MODELS
+
+        name = m.model.removeprefix(f"{m.provider}/")
+        if name not in MODELS:
+            raise ConfigError(
+                f"step '{step}': a prefill through the chat template needs the model's "
+                f"template, and {name!r} is not a model datagen knows locally ("
+                f"{', '.join(MODELS)}): use prefill: continue if the server supports "
+                "continue_final_message, or prefill: native if it continues one itself.")
+
+
 def make_transport(m: ModelConfig, concurrency: int) -> Transport:
     name = transport_name(m)
     plugin = providers.registered(m)
@@ -59,8 +101,10 @@ def make_transport(m: ModelConfig, concurrency: int) -> Transport:
     if name == "openai":
         from datagen.llm.openai_transport import OpenAITransport
 
-        return OpenAITransport(m.effective_provider(), m.base_url, api_key_of(m),
-                               pool_size=concurrency, headers=m.headers)
+        transport = OpenAITransport(m.effective_provider(), m.base_url, api_key_of(m),
+                                    pool_size=concurrency, headers=m.headers)
+        transport.prefill = prefill_mode(m)
+        return transport
     if name == "anthropic":
         from datagen.llm.anthropic_transport import AnthropicTransport
 
@@ -68,7 +112,9 @@ def make_transport(m: ModelConfig, concurrency: int) -> Transport:
                                   headers=m.headers)
     from datagen.llm.litellm_transport import LiteLLMTransport
 
-    return LiteLLMTransport()
+    litellm_transport = LiteLLMTransport()
+    litellm_transport.prefill = prefill_mode(m)
+    return litellm_transport
 
 
 def check_provider(m: ModelConfig) -> None:
@@ -93,16 +139,20 @@ def check_provider(m: ModelConfig) -> None:
         )
 
 
-def constraint_params(m: ModelConfig, extractor: Any, sampling: dict[str, Any]
-                      ) -> dict[str, Any]:
+def constraint_params(m: ModelConfig, extractor: Any, sampling: dict[str, Any],
+                      prefill: str | None = None) -> dict[str, Any]:
     """The extractor's output constraint, for models that take one (model.constrain_output);
-    never replaces a grammar or format the user set."""
+    never replaces a grammar or format the user set. After a ``prefill`` (the assistant's
+    opening words, when they are fixed text) the constraint is for the continuation."""
     # auto: the local model needs it, embedded or served by llama.cpp (provider: local
     # with a base_url); other models follow format instructions on their own
     wanted = m.provider == "local" if m.constrain_output is None else m.constrain_output
+    budget = sampling.get("max_tokens") or sampling.get("max_completion_tokens")
     constraint = getattr(extractor, "constraint", None)
-    params = constraint(sampling.get("max_tokens") or sampling.get("max_completion_tokens")) \
-        if wanted and callable(constraint) else None
+    if prefill is not None:  # only an extractor that knows how to continue a prefill
+        after = getattr(extractor, "constraint_after", None)
+        constraint = (lambda tokens: after(prefill, tokens)) if callable(after) else None
+    params = constraint(budget) if wanted and callable(constraint) else None
     if not params or any(k in sampling for k in ("grammar", "response_format")):
         return {}
     if "grammar" in params and not m.is_embedded():
