@@ -58,9 +58,13 @@ class PoolItem:
         """Resume and cache identity: the content hash, plus ``-n`` for the n-th repeat of
         an identical item (so ``[item] * 10`` is ten items, not one), plus ``#i`` for
         sample i when a run makes several samples per item."""
-        key = self.content_key if self.occurrence == 0 else \
-            f"{self.content_key}-{self.occurrence}"
-        return key if self.sample is None else f"{key}#{self.sample}"
+        return item_key(self.content_key, self.occurrence, self.sample)
+
+
+def item_key(content_key: str, occurrence: int, sample: int | None) -> str:
+    """See :attr:`PoolItem.key`."""
+    key = content_key if occurrence == 0 else f"{content_key}-{occurrence}"
+    return key if sample is None else f"{key}#{sample}"
 
 
 MAX_DEPTH = 64
@@ -164,17 +168,23 @@ def plain_item(index: int, raw: Any, fresh: bool = False) -> PoolItem:
     return PoolItem(index, raw if fresh else freeze(raw, index), {}, {})
 
 
-def _read_jsonl(path: Path) -> Iterator[Any]:
+def _read_jsonl(path: Path, keep: bytearray | None = None) -> Iterator[tuple[int, Any]]:
+    """(position, item) of each non-blank line; with ``keep``, only the positions it
+    marks, the others not even parsed."""
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the generator's finally
     except OSError as exc:
         raise DataPoolError(f"cannot read the data pool file {path}: {exc.strerror}") from None
+    position = -1
     with fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            position += 1
+            if keep is not None and (position >= len(keep) or not keep[position]):
+                continue
             try:
-                yield orjson.loads(line)
+                yield position, orjson.loads(line)
             except orjson.JSONDecodeError as exc:
                 raise DataPoolError(
                     f"{path}, line {lineno}: not valid JSON ({exc}). Each line of a data pool "
@@ -192,9 +202,17 @@ class Pool:
     reiterable: bool
 
     def raw_items(self) -> Iterator[Any]:
+        return (raw for _, raw in self.numbered())
+
+    def numbered(self, keep: bytearray | None = None) -> Iterator[tuple[int, Any]]:
+        """(position, item) pairs; with ``keep`` (a list or a file), only the positions
+        it marks, the others not read."""
         if isinstance(self.source, Path):
-            return _read_jsonl(self.source)
-        return iter(self.source)
+            return _read_jsonl(self.source, keep)
+        if keep is None:
+            return enumerate(self.source)
+        source = self.source
+        return ((i, source[i]) for i, flag in enumerate(keep) if flag)
 
     def is_async(self) -> bool:
         return isinstance(self.source, AsyncIterable) and not isinstance(self.source, Iterable)
@@ -250,13 +268,14 @@ def seeded_sample(items: Iterable[Any], size: int | None, seed: int) -> tuple[li
 Check = Callable[[PoolItem], None]
 
 
-def checked_items(pool: Pool, make_item: Callable[[int, Any], PoolItem],
+def checked_items(pool: Pool, make_item: Callable[..., PoolItem],
                   check: Check) -> Iterator[PoolItem]:
     """Every item of a pool, shaped and checked: the one place items are checked, for
     the pre-check of a list or file before anything is sent, for the dry run, and (item
     by item) for a generator as it is pulled."""
+    fresh = isinstance(pool.source, Path)  # decoded from the file here: no copy needed
     for index, raw in enumerate(pool.raw_items()):
-        item = make_item(index, raw)
+        item = make_item(index, raw, fresh)
         check(item)
         yield item
 
@@ -271,21 +290,31 @@ class ItemSource:
     """
 
     def __init__(self, pool: Pool, make_item: Callable[..., PoolItem] | None = None,
-                 check: Check | None = None, samples: int = 1) -> None:
+                 check: Check | None = None, samples: int = 1,
+                 todo: bytearray | None = None, repeats: dict[int, int] | None = None
+                 ) -> None:
+        """``todo`` (a pre-checked list or file, resumed): 1 for each position to hand
+        out; the others are done and not even read. ``repeats`` then numbers the
+        repeats of identical items (position -> occurrence), as counted over the whole
+        pool when it was checked."""
         self._make_item = make_item or to_item
         self._fresh = isinstance(pool.source, Path)  # decoded from a file: no copy needed
         self._check = check
         self._samples = samples
         self._pending: list[PoolItem] = []
-        self._sync: Iterator[Any] | None = None
+        self._sync: Iterator[tuple[int, Any]] | None = None
         self._async: AsyncIterator[Any] | None = None
         if pool.is_async():
             self._async = pool.source.__aiter__()
         else:
-            self._sync = pool.raw_items()
+            self._sync = pool.numbered(todo)
+        self._todo = todo
+        self._next_position = 0  # with todo: the positions before it are handed or skipped
+        self.on_skip: Callable[[int], None] = lambda keys: None  # done keys passed over
         self._index = 0
         self._lock: Any = None
         self.exhausted = False
+        self._given = repeats
         self._seen = SeenSet()  # content fingerprints of the items handed out so far
         self._repeats: dict[str, int] = {}  # content key -> occurrences, repeats only
 
@@ -299,7 +328,11 @@ class ItemSource:
         item = self._make_item(*pair, self._fresh)
         if self._check is not None:
             self._check(item)
-        if self._seen.add(int(item.content_key[:16], 16)):
+        if self._given is not None:
+            count = self._given.get(item.index, 0)
+            if count:
+                item = replace(item, occurrence=count, variant=count * self._samples)
+        elif self._seen.add(int(item.content_key[:16], 16)):
             count = self._repeats.get(item.content_key, 1)
             self._repeats[item.content_key] = count + 1
             item = replace(item, occurrence=count, variant=count * self._samples)
@@ -315,14 +348,18 @@ class ItemSource:
             return None
         if self._sync is not None:
             try:
-                raw = next(self._sync)
+                index, raw = next(self._sync)
             except StopIteration:
                 self.exhausted = True
+                self._passed(len(self._todo) if self._todo is not None else 0)
                 return None
             except DataPoolError:
                 raise
             except Exception as exc:  # the user's iterator failed: a pipeline-level fault
                 raise self._failed(exc) from exc
+            self._passed(index)
+            self._index = index + 1
+            return index, raw
         else:
             import asyncio
 
@@ -342,6 +379,12 @@ class ItemSource:
         index = self._index
         self._index += 1
         return index, raw
+
+    def _passed(self, position: int) -> None:
+        """Count the done positions ``todo`` skipped before ``position``."""
+        if self._todo is not None and position > self._next_position:
+            self.on_skip((position - self._next_position) * self._samples)
+        self._next_position = max(self._next_position, position + 1)
 
     def _failed(self, exc: Exception) -> DataPoolError:
         self.exhausted = True

@@ -10,9 +10,12 @@ cache; one caller per model; the display.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from datagen.config import Settings
 from datagen.config.schema import MAX_CONCURRENCY
@@ -25,8 +28,9 @@ from datagen.plan import Plan
 from datagen.pool import ItemSource, Pool, checked_items, open_pool
 from datagen.progress import make_display
 from datagen.redact import get_logger
+from datagen.runindex import Positions, read_done, read_positions, write_positions
 from datagen.seen import KeyIndex
-from datagen.store import RunFiles, RunLock, read_index, repair_torn_tail
+from datagen.store import RunFiles, RunLock, key_of, repair_torn_tail
 
 log = get_logger("datagen.pipeline")
 CACHE_FILE = ".datagen_cache.sqlite"
@@ -62,36 +66,96 @@ class OpenedRun:
     resumed: int  # records already in the results file
 
 
-def precheck(pool: Pool, plan: Plan) -> None:
-    """A list or a file: every item checked before anything is sent, and counted."""
-    if pool.reiterable:
-        pool.total = sum(1 for _ in checked_items(pool, plan.make_item, plan.check_item))
+def precheck(pool: Pool, plan: Plan, samples: int) -> Positions | None:
+    """A list or a file: every item checked before anything is sent, counted, and its
+    keys noted (to skip the done ones on resume without reading them again)."""
+    if not pool.reiterable:
+        return None
+    positions = Positions(samples)
+    for item in checked_items(pool, plan.make_item, plan.check_item):
+        positions.add(item)
+    positions.done_reset()
+    pool.total = len(positions)
+    return positions
 
 
-def open_run(settings: Settings, resume: bool | str, fingerprint: dict[str, Any]
-             ) -> OpenedRun:
-    """The run's files, locked before any of them is touched."""
+def resumable(settings: Settings, resume: bool | str) -> RunFiles | None:
     out = settings.output_data
-    if resume:
-        files = RunFiles.latest(out.output_dir, out.experiment_name, out.need_time_stamp)
-        if files is not None:
-            lock = RunLock(files.lock).acquire()
-            try:
-                check_resume(read_manifest(files.manifest), fingerprint, files.results,
-                             force=resume == "force")
-                for path in (files.results, files.failures, files.dropped):
-                    repair_torn_tail(path)
-                index = read_index(files.results)
-                read_index(files.dropped, into=index.keys)
-            except BaseException:
-                lock.release()
-                raise
-            return OpenedRun(files, lock, index.keys, index.lines - index.unparseable)
+    if not resume:
+        return None
+    files = RunFiles.latest(out.output_dir, out.experiment_name, out.need_time_stamp)
+    if files is None:
         log.info("nothing to resume for %s in %s: starting a new run",
                  out.experiment_name, out.output_dir)
+    return files
+
+
+def open_new(settings: Settings) -> OpenedRun:
+    """A new run's files, locked before any of them is touched."""
+    out = settings.output_data
     files, lock = RunFiles.create_locked(out.output_dir, out.experiment_name, out.need_time_stamp)
     files.results.touch()
     return OpenedRun(files, lock, KeyIndex(), 0)
+
+
+def open_resumed(files: RunFiles, resume: bool | str, fingerprint: dict[str, Any]
+                 ) -> OpenedRun:
+    """The run being resumed, locked: its fingerprint checked, a torn last line cut, its
+    finished keys read (from its done index, see :mod:`datagen.runindex`)."""
+    lock = RunLock(files.lock).acquire()
+    try:
+        check_resume(read_manifest(files.manifest), fingerprint, files.results,
+                     force=resume == "force")
+        for path in (files.results, files.failures, files.dropped):
+            repair_torn_tail(path)
+        index = read_done(files.results, files.dropped, key_of)
+    except BaseException:
+        lock.release()
+        raise
+    return OpenedRun(files, lock, index.keys, index.records)
+
+
+def fingerprint_digest(plan: Plan) -> str:
+    return hashlib.sha256(orjson.dumps(plan.fingerprint, option=orjson.OPT_SORT_KEYS)
+                          ).hexdigest()
+
+
+def open_run(settings: Settings, plan: Plan, pool: Pool, resume: bool | str, samples: int
+             ) -> tuple[OpenedRun, bytearray | None, dict[int, int] | None]:
+    """The run's files, and which pool positions are still to do (None: all of them).
+
+    A new run checks the pool before it creates a file. A resumed one checks it after
+    its lock is taken (a second writer stops before reading anything), unless the pool
+    file is the one the run checked before (its index says so, by size and sha256): then
+    the done items are skipped without being read.
+    """
+    existing = resumable(settings, resume)
+    if existing is None:
+        positions = precheck(pool, plan, samples)
+        opened = open_new(settings)
+        loaded = False
+    else:
+        opened = open_resumed(existing, resume, plan.fingerprint)
+        try:
+            positions = None
+            if isinstance(pool.source, Path):
+                positions = read_positions(opened.files.results, pool.source, samples,
+                                           fingerprint_digest(plan))
+            loaded = positions is not None
+            if positions is None:
+                positions = precheck(pool, plan, samples)
+            else:
+                pool.total = len(positions)
+        except BaseException:
+            opened.lock.release()
+            raise
+    if positions is None:
+        return opened, None, None
+    if isinstance(pool.source, Path) and not loaded:
+        write_positions(opened.files.results, pool.source, positions, fingerprint_digest(plan))
+    if not len(opened.done):
+        return opened, None, None
+    return opened, positions.todo(opened.done), positions.repeats
 
 
 def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int | None,
@@ -102,9 +166,8 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
                                             else concurrency)
     resume = check_resume_value(run.resume if resume is None else resume)
     pool = open_pool(data_pool)
-    precheck(pool, plan)
     plan.check_models()
-    opened = open_run(settings, resume, plan.fingerprint)
+    opened, todo, repeats = open_run(settings, plan, pool, resume, run.samples)
     try:
         cache = ResponseCache(run.cache_path or Path(settings.output_data.output_dir)
                               / CACHE_FILE)
@@ -122,7 +185,7 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
         options.concurrency = max(1, min(options.concurrency, total))
     show = run.progress if progress is None else progress
     source = ItemSource(pool, plan.make_item, None if pool.reiterable else plan.check_item,
-                        samples=run.samples)
+                        samples=run.samples, todo=todo, repeats=repeats)
     return Job(
         plan=plan, steps=plan.runtimes(callers), source=source, total=total,
         files=opened.files, lock=opened.lock, done=opened.done, options=options,

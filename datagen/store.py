@@ -19,6 +19,7 @@ import errno
 import os
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -30,7 +31,6 @@ from datagen.errors import OutputError
 from datagen.lock import RunLock as RunLock  # re-exported
 from datagen.lock import RunLockedError
 from datagen.lock import iso_now as iso_now  # re-exported
-from datagen.seen import KeyIndex
 
 log = redact.get_logger("datagen.store")
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -213,7 +213,7 @@ def repair_torn_tail(path: Path) -> int:
 _KEY_FIELD = b'"key":"'
 
 
-def _key_of(line: bytes) -> str | None:
+def key_of(line: bytes) -> str | None:
     """The ``key`` of one record line. datagen writes ``index`` and ``key`` first, so the
     key is found without parsing the line (a million lines in about a second); anything
     else is parsed."""
@@ -229,39 +229,6 @@ def _key_of(line: bytes) -> str | None:
         return None
     key = record.get("key") if isinstance(record, dict) else None
     return key if isinstance(key, str) else None
-
-
-@dataclasses.dataclass
-class ResultsIndex:
-    """What a run's files already hold: the keys done (results and dropped items), as
-    8-byte fingerprints, and the lines that do not parse."""
-
-    keys: KeyIndex
-    lines: int
-    unparseable: int
-
-
-def read_index(*paths: Path, into: KeyIndex | None = None) -> ResultsIndex:
-    """The keys of the records in ``paths`` (added to ``into`` if given)."""
-    keys = KeyIndex() if into is None else into
-    lines = bad = 0
-    for path in paths:
-        if not path.exists():
-            continue
-        with open(path, "rb") as fh:
-            for line in fh:
-                if len(line) < 3:
-                    continue
-                lines += 1
-                key = _key_of(line)
-                if key is None:
-                    bad += 1
-                else:
-                    keys.add(key)
-        if bad:
-            log.warning("%s: %d line(s) are not valid JSON records and were ignored", path,
-                        bad)
-    return ResultsIndex(keys, lines, bad)
 
 
 class WriteError(OutputError):
@@ -283,21 +250,31 @@ class JsonlSink:
     close, so a power cut loses at most that much, a killed process nothing. Every line
     passes the redactor (no registered secret reaches the disk). A failed write raises
     :class:`WriteError` naming the file.
+
+    ``indexed``: told each written line's key and the file's size after it (the run's
+    done index, see :mod:`datagen.runindex`); every line of such a file needs its key.
     """
 
-    def __init__(self, path: Path, fsync_interval: float = 1.0) -> None:
+    def __init__(self, path: Path, fsync_interval: float = 1.0,
+                 indexed: Callable[[str, int], None] | None = None) -> None:
         self.path = path
         self.fsync_interval = fsync_interval
+        self.indexed = indexed
         self._fh: IO[bytes] | None = None
         self._last_sync = time.monotonic()
+        self._size = 0
         self.lines = 0
 
-    def write_line(self, line: bytes) -> bytes:
-        """Append ``line``; returns the bytes written (redacted)."""
+    def write_line(self, line: bytes, key: str | None = None) -> bytes:
+        """Append ``line`` (the record of ``key``); returns the bytes written
+        (redacted)."""
+        if self.indexed is not None and key is None:
+            raise ValueError(f"{self.path}: every line of an indexed file needs its key")
         line = redact.redact_bytes(line)
         try:
             if self._fh is None:
                 self._fh = open(self.path, "ab")  # noqa: SIM115 - held open for the run
+                self._size = os.fstat(self._fh.fileno()).st_size
             self._fh.write(line)
             self._fh.flush()
             now = time.monotonic()
@@ -308,6 +285,9 @@ class JsonlSink:
             self._abandon()
             raise write_error(self.path, exc) from None
         self.lines += 1
+        self._size += len(line)
+        if self.indexed is not None:
+            self.indexed(key, self._size)  # type: ignore[arg-type]
         return line
 
     def _abandon(self) -> None:

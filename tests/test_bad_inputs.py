@@ -240,10 +240,10 @@ def _disk_full(c: Case) -> str:
 
     real = JsonlSink.write_line
 
-    def full(self: JsonlSink, line: bytes) -> bytes:
+    def full(self: JsonlSink, line: bytes, key: str | None = None) -> bytes:
         if self.path.name.startswith("demo_") and self.path.name.count("_") == 2:
             self._fh = Full()  # type: ignore[assignment]
-        return real(self, line)
+        return real(self, line, key)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(JsonlSink, "write_line", full)

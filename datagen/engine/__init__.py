@@ -55,8 +55,10 @@ async def execute(job: Job) -> RunResult:
     recorder = RunRecorder(job)
     runner = ItemRunner(job, recorder, run_salt(job))
 
-    def skipped() -> None:
-        recorder.counts.skipped += 1
+    def skipped(keys: int = 1) -> None:
+        recorder.counts.skipped += keys
+
+    job.source.on_skip = skipped  # done positions of a resumed pool, passed over unread
 
     pool = WorkerPool(job.source, runner.run, job.options.concurrency, job.done,
                       job.options.shutdown_timeout, skipped)

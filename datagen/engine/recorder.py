@@ -19,6 +19,7 @@ from datagen.llm.caller import CallStats
 from datagen.llm.types import Completion
 from datagen.manifest import build_manifest
 from datagen.plan import ItemState
+from datagen.runindex import DROPPED, RESULTS, DoneLog, done_path
 from datagen.steps import CallEvent
 from datagen.store import JsonlSink, dumps_line, iso_now, write_json
 
@@ -62,9 +63,14 @@ class RunRecorder:
         self.files = job.files
         self.counts = Counts()
         fsync = job.options.fsync_interval
-        self.results_sink = JsonlSink(job.files.results, fsync)
+        # the done index: resume of a million records reads 16 MB, not the records
+        self.done_log = DoneLog(done_path(job.files.results))
+        done_log = self.done_log
+        self.results_sink = JsonlSink(job.files.results, fsync,
+                                      lambda key, end: done_log.add(key, RESULTS, end))
         self.failures_sink = JsonlSink(job.files.failures, fsync)
-        self.dropped_sink = JsonlSink(job.files.dropped, fsync)
+        self.dropped_sink = JsonlSink(job.files.dropped, fsync,
+                                      lambda key, end: done_log.add(key, DROPPED, end))
         self.meta_sink = JsonlSink(job.files.meta, fsync) if job.options.meta_datagen \
             else None
         self.results: dict[tuple[int, tuple[int, ...], int], dict[str, Any]] = {}
@@ -88,7 +94,7 @@ class RunRecorder:
                            f"cannot be written as JSON ({exc}); return dicts, lists, strings, "
                            "numbers or a pydantic model",
                            state.trace.get(last, {}).get("attempts", 0))
-        written = self.results_sink.write_line(line)
+        written = self.results_sink.write_line(line, state.key)
         c = self.counts
         c.succeeded += 1
         c.latency_total += sum(t.get("latency_s", 0.0) for t in state.trace.values())
@@ -129,7 +135,7 @@ class RunRecorder:
         """A filter's "no": listed with its reason, never a failure, never retried."""
         line = dumps_line({"index": state.item.index, "key": state.key, "step": step,
                            "reason": reason, "item": state.context, "steps": state.trace})
-        self.dropped_sink.write_line(line)
+        self.dropped_sink.write_line(line, state.key)
         self.counts.dropped += 1
         self.counts.dropped_by_step[step] += 1
         self._changed()
@@ -253,6 +259,7 @@ class RunRecorder:
                 sink.close()
             except Exception as exc:  # OSError as WriteError: keep closing the others
                 first = first or exc
+        self.done_log.close()
         if first is not None:
             raise first
 

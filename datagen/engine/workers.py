@@ -74,7 +74,7 @@ class WorkerPool:
             item = await self.source.next()
             if item is None:
                 return
-            if item.key in self.done:
+            if self.done and item.key in self.done:
                 self.on_skip()
                 continue
             await self.process(item)
