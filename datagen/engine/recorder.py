@@ -23,6 +23,7 @@ from datagen.steps import CallEvent
 from datagen.store import JsonlSink, dumps_line, iso_now, write_json
 
 log = redact.get_logger("datagen.engine")
+EARLY_ITEMS = 5  # the first items finished: when all failed alike, the summary says why
 
 
 @dataclass
@@ -72,6 +73,11 @@ class RunRecorder:
         self._t0 = time.monotonic()
         self._last_counters = 0.0
         self.extra: dict[str, Any] = {}  # more manifest sections (e.g. a user-code hint)
+        self.early: list[tuple[str, str]] = []  # (outcome, step) of the first items
+
+    def _early(self, outcome: str, step: str) -> None:
+        if len(self.early) < EARLY_ITEMS:
+            self.early.append((outcome, step))
 
     # ---- outcomes --------------------------------------------------------------------
 
@@ -89,6 +95,7 @@ class RunRecorder:
                            "numbers or a pydantic model",
                            state.trace.get(last, {}).get("attempts", 0))
         written = self.results_sink.write_line(line)
+        self._early("ok", "")
         c = self.counts
         c.succeeded += 1
         c.latency_total += sum(t.get("latency_s", 0.0) for t in state.trace.values())
@@ -117,6 +124,7 @@ class RunRecorder:
             line = dumps_line({"index": state.item.index, "key": state.key,
                                "error": error, "item": repr(state.context)})
         self.failures_sink.write_line(line)
+        self._early(failure.kind, step)
         self.counts.failed += 1
         self.counts.failed_by_kind[failure.kind] += 1
         where = f" in {failure.function}" if failure.function else ""
@@ -130,6 +138,7 @@ class RunRecorder:
         line = dumps_line({"index": state.item.index, "key": state.key, "step": step,
                            "reason": reason, "item": state.context, "steps": state.trace})
         self.dropped_sink.write_line(line)
+        self._early("drop", step)
         self.counts.dropped += 1
         self.counts.dropped_by_step[step] += 1
         self._changed()
@@ -196,7 +205,27 @@ class RunRecorder:
                 return f"waiting until {until} ({left:.0f} s): {limits.pause_reason}"
         return ""
 
+    def hints(self) -> list[str]:
+        """What to change when the run's first items all failed the same way: now, when
+        extraction failed and the extractor's format constraint was not sent."""
+        unsent = {s.name: s.unsent_constraint for s in self.job.steps if s.unsent_constraint}
+        if not self.early or any(outcome != "extraction" or step not in unsent
+                                 for outcome, step in self.early):
+            return []
+        names = ", ".join(sorted({str(unsent[step]) for _, step in self.early}))
+        first = "the only item" if len(self.early) == 1 else \
+            f"all of the first {len(self.early)} items"
+        return [f"{first} failed extraction ({names}), and the extractor's format "
+                "constraint (its grammar or JSON schema) was not sent to this server: set "
+                "model.constrain_output: true (--set constrain_output=true) to hold the "
+                "model to the format (llama.cpp, vLLM and other servers that take a "
+                "grammar or a JSON schema)"]
+
     def summary(self) -> str:
+        hints = "".join(f"\nhint: {hint}" for hint in self.hints())
+        return self._counts_line() + hints
+
+    def _counts_line(self) -> str:
         c, s = self.counts, self.stats()
         by_kind = ", ".join(f"{k}: {v}" for k, v in sorted(c.failed_by_kind.items()))
         more = f", {c.dropped} dropped" if c.dropped else ""
@@ -234,7 +263,8 @@ class RunRecorder:
                      "mean_latency_s": round(c.latency_total / c.succeeded, 4)
                      if c.succeeded else None},
             extra={"dropped": {"total": c.dropped, "by_step": dict(c.dropped_by_step)},
-                   "callbacks": {"on_record_errors": c.callback_errors}, **self.extra})
+                   "callbacks": {"on_record_errors": c.callback_errors},
+                   "hints": self.hints(), **self.extra})
 
     def write_manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
         manifest = self.manifest(status, error)
