@@ -46,14 +46,15 @@ def _phrases(options: tuple[str, ...]) -> dict[str, str]:
 class ChoiceExtractor(Extractor[str]):
     """Which of ``options`` the response gives, returned as written in ``options``."""
 
-    def __init__(self, *options: str, marker: str | None = None) -> None:
+    def __init__(self, *options: str, marker: str | None = None,
+                 reasoning: bool = True) -> None:
         if len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
             raise ValueError("choice() needs at least two non-empty options")
         if len({_norm(o) for o in options}) != len(options):
             raise ValueError(f"choice() options must differ (ignoring case): {options}")
         if marker is not None and not (isinstance(marker, str) and marker.strip()):
             raise ValueError("choice(marker=...) must be a non-empty string, e.g. 'VERDICT:'")
-        self.options, self.marker = options, marker
+        self.options, self.marker, self.reasoning = options, marker, reasoning
         self.name = f"choice({'|'.join(options)})" + (f"@{marker}" if marker else "")
         self._lookup = _phrases(options)
         alternatives = "|".join(r"\s+".join(map(re.escape, phrase.split()))
@@ -63,11 +64,14 @@ class ChoiceExtractor(Extractor[str]):
             else DEFAULT_MARKERS
 
     def gbnf(self, max_chars: int | None = None) -> str:
-        """Optional reasoning (at most ``max_chars`` characters, ending in whitespace),
-        the marker if one is set, then exactly one option."""
-        think = ".*" if max_chars is None else f".{{0,{max(1, max_chars)}}}"
+        """Optional reasoning (at most ``max_chars`` characters, ending in whitespace;
+        none with ``reasoning=False``), the marker if one is set, then exactly one
+        option."""
         head = f'{json.dumps(self.marker.strip())} " "? ' if self.marker else ""
         verdict = " | ".join(json.dumps(o) for o in self.options)
+        if not self.reasoning:
+            return f"root ::= {head}verdict\nverdict ::= {verdict}\n"
+        think = ".*" if max_chars is None else f".{{0,{max(1, max_chars)}}}"
         return (f"root ::= think? {head}verdict\n"
                 f"think ::= {think} [ \\t\\n]\n"
                 f"verdict ::= {verdict}\n")

@@ -262,14 +262,16 @@ class CodeBlockExtractor(Extractor[str]):
         raise ExtractionError(f"no {lang} code block in the response: {_preview(text)!r}")
 
 
-def choice(*options: str, marker: str | None = None) -> ChoiceExtractor:
+def choice(*options: str, marker: str | None = None, reasoning: bool = True
+           ) -> ChoiceExtractor:
     """Which of ``options`` a judge's response gives (e.g. ``choice("PASS", "FAIL")``):
     the first option after the last ``marker`` (default: common ones such as
     ``VERDICT:``, ``Final Judgment:``, ``Answer:``), else the last option mentioned.
-    Its grammar lets the model reason first, then name exactly one option."""
+    Its grammar lets the model reason first (``reasoning=False``: the option alone),
+    then write the marker if one is given, then exactly one option."""
     from datagen.choice import ChoiceExtractor
 
-    return ChoiceExtractor(*options, marker=marker)
+    return ChoiceExtractor(*options, marker=marker, reasoning=reasoning)
 
 
 def tag(name: str) -> TagExtractor:

@@ -212,6 +212,6 @@ def test_a_reasoning_judge_on_the_fake_server(tmp_path: Path) -> None:
              .step("judge", prompt="judge.txt", extract=extract.choice("PASS", "FAIL"),
                    validate=lambda v, item: v == "PASS" or "unsupported"))
         result = p.run_sync([{"text": "Bees make honey."}])
-        judge_body = [b for b in server.bodies if "Judge the answer" in str(b)][0]
+        judge_body = next(b for b in server.bodies if "Judge the answer" in str(b))
     assert [r["steps"]["judge"]["output"] for r in result] == ["PASS"]
     assert judge_body["grammar"].startswith("root ::= think? verdict")
