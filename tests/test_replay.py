@@ -131,9 +131,11 @@ async def test_concurrent_requests_replay_their_own_answers(base_url: str, casse
         assert record["raw_response"] == answers[prompt]
 
 
-async def test_a_request_missing_from_the_cassette_fails_fast(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["openai", "litellm"])
+async def test_a_request_missing_from_the_cassette_fails_fast(transport: str, tmp_path: Path
+                                                              ) -> None:
     example = load_example("five_topics")
-    pipeline = pipe(example.NAME, **overrides(UNREACHABLE, tmp_path))
+    pipeline = pipe(example.NAME, **overrides(UNREACHABLE, tmp_path, transport=transport))
     pool = [{"user_prompt_kwargs": {"topic": "never recorded", "word_count": "1 word"},
              "system_prompt_kwargs": {"tone": "plain"}}]
     with make_vcr(CASSETTES, record=False).use_cassette("test_five_topics_example.yaml"):
@@ -141,6 +143,10 @@ async def test_a_request_missing_from_the_cassette_fails_fast(tmp_path: Path) ->
         assert result == []
     failure = orjson.loads(result.files.failures.read_bytes())
     assert failure["error"]["attempts"] == 1
+    # the message says how to re-record, whichever transport wrapped the miss
+    message = failure["error"]["message"]
+    assert f"this request is not in {CASSETTES / 'test_five_topics_example.yaml'}" in message
+    assert "Re-record it: DATAGEN_RECORD=1 pytest" in message
 
 
 def test_no_cassette_holds_a_secret() -> None:
