@@ -18,7 +18,7 @@ from datagen.errors import a_type
 from datagen.llm.caller import CallStats
 from datagen.llm.types import Completion
 from datagen.manifest import build_manifest
-from datagen.plan import ItemState
+from datagen.plan import ItemState, StepRuntime
 from datagen.steps import CallEvent
 from datagen.store import JsonlSink, dumps_line, iso_now, write_json
 
@@ -43,6 +43,22 @@ class Counts:
     @property
     def finished(self) -> int:
         return self.succeeded + self.failed + self.dropped
+
+
+def hints_for(early: list[tuple[str, str]], steps: list[StepRuntime]) -> list[str]:
+    """What to change when a run's first items all failed the same way: now, when
+    extraction failed and the extractor's format constraint was not sent."""
+    unsent = {s.name: s.unsent_constraint for s in steps if s.unsent_constraint}
+    if not early or any(outcome != "extraction" or step not in unsent
+                        for outcome, step in early):
+        return []
+    names = ", ".join(sorted({str(unsent[step]) for _, step in early}))
+    first = "the only item" if len(early) == 1 else f"all of the first {len(early)} items"
+    return [f"{first} failed extraction ({names}), and the extractor's format constraint "
+            "(its grammar or JSON schema) was not sent to this server: set "
+            "model.constrain_output: true (--set constrain_output=true) to hold the model "
+            "to the format (llama.cpp, vLLM and other servers that take a grammar or a JSON "
+            "schema)"]
 
 
 @dataclass
@@ -75,10 +91,6 @@ class RunRecorder:
         self.extra: dict[str, Any] = {}  # more manifest sections (e.g. a user-code hint)
         self.early: list[tuple[str, str]] = []  # (outcome, step) of the first items
 
-    def _early(self, outcome: str, step: str) -> None:
-        if len(self.early) < EARLY_ITEMS:
-            self.early.append((outcome, step))
-
     # ---- outcomes --------------------------------------------------------------------
 
     def record(self, state: ItemState) -> dict[str, Any] | Failure:
@@ -95,7 +107,7 @@ class RunRecorder:
                            "numbers or a pydantic model",
                            state.trace.get(last, {}).get("attempts", 0))
         written = self.results_sink.write_line(line)
-        self._early("ok", "")
+        self.early += [("ok", "")] if len(self.early) < EARLY_ITEMS else []
         c = self.counts
         c.succeeded += 1
         c.latency_total += sum(t.get("latency_s", 0.0) for t in state.trace.values())
@@ -124,7 +136,7 @@ class RunRecorder:
             line = dumps_line({"index": state.item.index, "key": state.key,
                                "error": error, "item": repr(state.context)})
         self.failures_sink.write_line(line)
-        self._early(failure.kind, step)
+        self.early += [(failure.kind, step)] if len(self.early) < EARLY_ITEMS else []
         self.counts.failed += 1
         self.counts.failed_by_kind[failure.kind] += 1
         where = f" in {failure.function}" if failure.function else ""
@@ -138,7 +150,7 @@ class RunRecorder:
         line = dumps_line({"index": state.item.index, "key": state.key, "step": step,
                            "reason": reason, "item": state.context, "steps": state.trace})
         self.dropped_sink.write_line(line)
-        self._early("drop", step)
+        self.early += [("drop", step)] if len(self.early) < EARLY_ITEMS else []
         self.counts.dropped += 1
         self.counts.dropped_by_step[step] += 1
         self._changed()
@@ -206,20 +218,7 @@ class RunRecorder:
         return ""
 
     def hints(self) -> list[str]:
-        """What to change when the run's first items all failed the same way: now, when
-        extraction failed and the extractor's format constraint was not sent."""
-        unsent = {s.name: s.unsent_constraint for s in self.job.steps if s.unsent_constraint}
-        if not self.early or any(outcome != "extraction" or step not in unsent
-                                 for outcome, step in self.early):
-            return []
-        names = ", ".join(sorted({str(unsent[step]) for _, step in self.early}))
-        first = "the only item" if len(self.early) == 1 else \
-            f"all of the first {len(self.early)} items"
-        return [f"{first} failed extraction ({names}), and the extractor's format "
-                "constraint (its grammar or JSON schema) was not sent to this server: set "
-                "model.constrain_output: true (--set constrain_output=true) to hold the "
-                "model to the format (llama.cpp, vLLM and other servers that take a "
-                "grammar or a JSON schema)"]
+        return hints_for(self.early, self.job.steps)
 
     def summary(self) -> str:
         hints = "".join(f"\nhint: {hint}" for hint in self.hints())

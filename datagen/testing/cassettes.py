@@ -57,11 +57,17 @@ def _scrub_response(response: dict[str, Any]) -> dict[str, Any]:
     return response
 
 
-def miss_hint(cassette: Any) -> str:
+def miss_hint(cassette: Any, reason: str | None = None) -> str:
+    """What a replay without the request's answer means, and how to (re-)record."""
     path = getattr(cassette, "_path", None) or "the cassette"
+    how = f"{RECORD_ENV}=1 pytest ... (with a server answering at the test's base_url)"
+    if reason == "cassette_not_found":
+        return f"there is no cassette at {path} yet. Record it: {how}"
+    if reason == "already_played":
+        return (f"{path} holds this request, but its answer was played already (the test "
+                f"sends it more often than when it was recorded). Re-record it: {how}")
     return (f"this request is not in {path}: the prompt, the model or a parameter changed "
-            f"since it was recorded. Re-record it: {RECORD_ENV}=1 pytest ... (with a server "
-            "answering at the test's base_url)")
+            f"since it was recorded. Re-record it: {how}")
 
 
 @lru_cache(maxsize=1)
@@ -77,7 +83,8 @@ def _install_miss_hint() -> None:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             first = str(self.args[0]) if self.args else ""
-            self.args: tuple[str, ...] = (f"{miss_hint(self.cassette)}\n{first}",)
+            hint = miss_hint(self.cassette, getattr(self, "reason", None))
+            self.args: tuple[str, ...] = (f"{hint}\n{first}",)
 
     for name in ("vcr.stubs", "vcr.stubs.aiohttp_stubs", "vcr.stubs.httpx_stubs"):
         try:
