@@ -123,7 +123,7 @@ def conversations(path: str | Path, mapper: Mapper | None = None, step: str | No
 def _write(out: str | Path, rows: Iterator[dict[str, Any]], overwrite: bool = True) -> int:
     target = Path(out).expanduser()
     if not overwrite and target.exists():
-        raise _exists(target)
+        raise exists_error(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     n = 0
@@ -141,7 +141,7 @@ def _write(out: str | Path, rows: Iterator[dict[str, Any]], overwrite: bool = Tr
     return n
 
 
-def _exists(target: Path) -> ExportError:
+def exists_error(target: Path) -> ExportError:
     return ExportError(f"{target} already exists and was not written by this export (an "
                        "earlier export, or the pipeline's own export()): it is left as it "
                        "is. Choose another file with --out, or remove it first")
@@ -152,10 +152,10 @@ def _link_new(tmp: Path, target: Path) -> None:
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise _exists(target) from None
+        raise exists_error(target) from None
     except OSError:  # no hard links on this file system: check, then move
         if target.exists():
-            raise _exists(target) from None
+            raise exists_error(target) from None
         tmp.replace(target)
 
 

@@ -186,8 +186,10 @@ def test_choice_grammar_allows_reasoning_then_exactly_one_option() -> None:
                        'verdict ::= "PASS" | "FAIL"\n')
     free = extract.choice("suitable", "unsuitable").gbnf()
     assert "think ::= .* [ \\t\\n]" in free and free.startswith("root ::= think? verdict")
-    llama_cpp = pytest.importorskip("llama_cpp")  # the real parser accepts both
-    for text in (grammar, free):
+    one_word = extract.choice("PASS", "FAIL", reasoning=False).constraint(64)["grammar"]
+    assert one_word == 'root ::= verdict\nverdict ::= "PASS" | "FAIL"\n'
+    llama_cpp = pytest.importorskip("llama_cpp")  # the real parser accepts them all
+    for text in (grammar, free, one_word):
         assert llama_cpp.LlamaGrammar.from_string(text, verbose=False) is not None
 
 

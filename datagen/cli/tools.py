@@ -19,7 +19,7 @@ def export(args: argparse.Namespace) -> int:
             f"{source.stem}_{args.format}" + ("" if args.format == "hf" else ".jsonl"))
         mapper, how = _mapper(args, source)
         if out.exists():  # never overwrite a file this call did not write
-            raise export.ExportError(str(export._exists(out)))
+            raise export.exists_error(out)
         total = sum(1 for _ in export.records(source))
         if total == 0:
             return error(_nothing(source), EXIT_FAILURES)
