@@ -60,10 +60,11 @@ def finished_run(root: Path, config: Path, pool: Path, done: int) -> Path:
     checked and its index written by the pre-check, the records appended through the
     run's sink, each with its done-index entry. Returns the results file."""
     from datagen import DataGenerationPipeline, extract
+    from datagen.engine.recorder import indexed_sinks
     from datagen.pool import open_pool
     from datagen.prepare import fingerprint_digest, precheck
-    from datagen.runindex import RESULTS, DoneLog, done_path, write_positions
-    from datagen.store import JsonlSink, dumps_line
+    from datagen.runindex import write_positions
+    from datagen.store import RunFiles, dumps_line
 
     pipeline = DataGenerationPipeline(config=config, cache=False, experiment_name="big")
     plan = pipeline._plan(extract.tag("draft"))  # as the resuming run's
@@ -71,10 +72,9 @@ def finished_run(root: Path, config: Path, pool: Path, done: int) -> Path:
     assert positions is not None
     out = root / "output"
     out.mkdir(parents=True, exist_ok=True)
-    results = out / "big_20260101_000000.jsonl"
-    write_positions(results, pool, positions, fingerprint_digest(plan))
-    log = DoneLog(done_path(results))
-    sink = JsonlSink(results, 60.0, lambda key, end: log.add(key, RESULTS, end))
+    files = RunFiles.for_stem(out, "big_20260101_000000")
+    write_positions(files.results, pool, positions, fingerprint_digest(plan))
+    log, sink, _ = indexed_sinks(files, 60.0)
     from datagen.pool import to_item
 
     with open(pool, "rb") as fh:
@@ -86,7 +86,7 @@ def finished_run(root: Path, config: Path, pool: Path, done: int) -> Path:
                                         "kwargs": item.user_kwargs}), item.key)
     sink.close()
     log.close()
-    return results
+    return files.results
 
 
 RESUMER = """

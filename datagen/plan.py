@@ -73,6 +73,7 @@ class StepRuntime:
     batch: bool = False  # answered through the provider's batch API, in rounds
     seeded: bool = False  # the provider takes a seed: samples get distinct ones
     base_seed: int = 0
+    unsent_constraint: str | None = None  # the extractor could constrain, but is not sent
 
     def request_for(self, state: ItemState, messages: Messages | None,
                     prompt: str | None) -> ChatRequest:

@@ -102,7 +102,9 @@ class SingleStepPlan:
         return [StepRuntime(name=self.STEP, caller=callers[None], render=render,
                             build_request=runtime.request_builder(m, params),
                             extract=self.extractor, max_retries=0, seeded=seeded,
-                            base_seed=base, batch=self.settings.run.batch)]
+                            base_seed=base, batch=self.settings.run.batch,
+                            unsent_constraint=runtime.unsent_constraint(
+                                m, self.extractor, sampling))]
 
 
 class StepsPlan:
@@ -195,7 +197,8 @@ class StepsPlan:
                 max_retries=step.max_retries, one_to_many=step.one_to_many,
                 samples=step.samples, seeded=seeded,
                 batch=self.settings.run.batch if step.batch is None else step.batch,
-                base_seed=int(step.sampling.get("seed", base) or 0)))
+                base_seed=int(step.sampling.get("seed", base) or 0),
+                unsent_constraint=runtime.unsent_constraint(m, step.extract, sampling)))
         return out
 
 

@@ -194,5 +194,8 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
                        "model": settings.model.model_string(),
                        "extractor": plan.extractor_name, "fingerprint": plan.fingerprint,
                        "resumed": opened.resumed > 0 or len(opened.done) > 0,
-                       "cache_shared": run.cache, "config": settings.public_dict()},
+                       "cache_shared": run.cache, "config": settings.public_dict(),
+                       # where the pipeline lives: `datagen export` finds its mapper there
+                       "config_file": str(settings.config_path) if settings.config_path
+                       else None},
         callers=list(callers.values()), cache=cache, resumed=opened.resumed)

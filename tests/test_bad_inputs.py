@@ -296,6 +296,83 @@ def _yaml_twice(c: Case) -> str:
     return error_of(lambda: DataGenerationPipeline(config=c.cfg))
 
 
+def _two_step_run(c: Case) -> Path:
+    p = (DataGenerationPipeline(config=c.cfg, base_url=c.server.base_url)
+         .step("first", prompt="user.txt").step("second", prompt="user.txt"))
+    result = p.run_sync([{"topic": "a", "word_count": "1"}, {"topic": "b", "word_count": "2"}])
+    assert result.files is not None and len(result) == 2
+    return result.files.results
+
+
+def _export(c: Case, *args: str, code: int = 2, before: bytes | None = None) -> str:
+    """`datagen export` of a two-step run; the file it would write must not change."""
+    import subprocess
+    import sys
+
+    results = _two_step_run(c)
+    out = c.tmp / "train.jsonl"
+    if before is not None:
+        out.write_bytes(before)
+    done = subprocess.run([sys.executable, "-m", "datagen.cli", "export", str(results),
+                           "--out", str(out), *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == code, done.stderr
+    assert (out.read_bytes() == before) if before is not None else not out.exists()
+    return done.stderr
+
+
+def _empty_export(c: Case) -> str:
+    import subprocess
+    import sys
+
+    results = c.tmp / "output" / "demo_20261122_101500.jsonl"
+    results.parent.mkdir()
+    results.write_bytes(b"")
+    results.with_name(results.stem + "_failures.jsonl").write_bytes(b"{}\n{}\n")
+    done = subprocess.run([sys.executable, "-m", "datagen.cli", "export", str(results)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert len(list(results.parent.iterdir())) == 2  # nothing written
+    return done.stderr
+
+
+def _rejected_format(c: Case) -> str:
+    from datagen.testing import FakeReply
+
+    def llama_server(body: dict[str, Any]) -> Any:
+        return FakeReply(status=500, body={"error": {
+            "message": "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', "
+                       "'response_format', 'type'), 'msg': \"Input should be 'text' or "
+                       "'json_object'\", 'input': 'json_schema'}",
+            "type": "internal_server_error"}})
+
+    c.server.responder = llama_server
+    fmt = {"type": "json_schema", "json_schema": {"name": "q", "schema": {"type": "object"}}}
+    message = failure_of(c.pipe(response_format=fmt, max_retries=3), make_pool(1))
+    assert c.server.request_count == 1
+    return message
+
+
+def _unconstrained(c: Case) -> str:
+    from datagen import extract
+
+    c.server.responder = lambda body: "Bees are busy."  # ignores "use <draft> tags"
+    result = c.pipe().run_sync(make_pool(2), extract_function=extract.tag("draft"))
+    return "\n".join(f"hint: {h}" for h in result.manifest["hints"])
+
+
+def _cassette_miss(c: Case) -> str:
+    from datagen.testing.cassettes import make_vcr
+
+    with make_vcr(c.tmp, record=True).use_cassette("test_x.yaml"):
+        assert len(c.pipe(cache=False).run_sync(make_pool(1))) == 1
+    sent = c.server.request_count
+    with make_vcr(c.tmp, record=False).use_cassette("test_x.yaml"):  # the prompt changed
+        message = failure_of(c.pipe(max_retries=0, cache=False), make_pool(2)[1:])
+    assert c.server.request_count == sent
+    return message
+
+
 CASES: dict[str, Callable[[Case], str]] = {
     "config file missing": lambda c: error_of(
         lambda: DataGenerationPipeline(config=c.tmp / "nope.yaml")),
@@ -389,6 +466,18 @@ CASES: dict[str, Callable[[Case], str]] = {
         c, "def build(pipeline):\n    raise RuntimeError('the input folder is not mounted')\n"),
     "`--max-failure-rate` outside 0-1": lambda c: _cli(c, "run", "--max-failure-rate", "-5"),
     "`--limit` below 1": lambda c: _cli(c, "run", "--limit", "-1"),
+    "a pipeline's own setting without `params.`": lambda c: error_of(
+        lambda: c.pipe(n_items=1)),
+    "`datagen export` of a multi-step run, no `--step` or mapper": lambda c: _export(c),
+    "`datagen export --step` that is no step": lambda c: _export(c, "--step", "judge"),
+    "`datagen export` to a file that exists": lambda c: _export(
+        c, "--step", "second", before=b"mine\n"),
+    "`datagen export --mapper` that does not exist": lambda c: _export(
+        c, "--mapper", "nope.py:pair"),
+    "`datagen export` of a run with 0 records": _empty_export,
+    "a request the server rejects as invalid": _rejected_format,
+    "a format the model ignores, no constraint sent": _unconstrained,
+    "a request the test's cassette lacks": _cassette_miss,
 }
 
 
@@ -397,15 +486,22 @@ CASES: dict[str, Callable[[Case], str]] = {
 ITEM_LEVEL = {  # the run goes on: a line in the failures file (checked by failure_of)
     "extractor that raises", "`parse_response` value not serialisable",
     "an answer the transport cannot read", "extractor that hangs",
+    "a request the server rejects as invalid", "a format the model ignores, no constraint sent",
 }
 AFTER_A_RUN = {  # the case makes a run first, then checks that the refusal sent nothing
     "resume after the templates changed", "resume against another server",
     "a second process writing the same run",
+    # (or wrote nothing)
+    "`datagen export` of a multi-step run, no `--step` or mapper",
+    "`datagen export --step` that is no step", "`datagen export` to a file that exists",
+    "`datagen export --mapper` that does not exist",
 }
 SENDS = {  # the fault is only known from an answer, or is about writing one
     "invalid API key (401)", "model not found (404)", "the disk fills up",
     "`Retry-After` longer than `max_retry_after`", "empty pool", "local model not installed",
     "a generator pool that raises",
+    "`datagen export` of a run with 0 records",  # a results file made by hand
+    "a request the test's cassette lacks",  # nothing reaches the server; a failures line
 }
 
 

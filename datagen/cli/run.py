@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"failures: {result.files.failures} ({counts['failed']} this run)")
     if counts.get("dropped"):
         print(f"dropped: {result.files.dropped} ({counts['dropped']} this run, by filters)")
+    if args.no_progress:  # else the display's summary said it
+        for hint in result.manifest.get("hints") or ():
+            print(f"datagen: hint: {hint}", file=sys.stderr)
     try:
         exported = folder.export(result.files.results)
     except DatagenError as exc:

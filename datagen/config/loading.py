@@ -219,8 +219,20 @@ def apply_overrides(
                 f"or one of its keys ({', '.join(SECTIONS[key].model_fields)})"
             )
         else:
-            problems.append(_unknown_key_message(key, "in keyword argument", valid_keys()))
+            problems.append(_unknown_keyword(key, merged.get("params")))
     return merged, touched, problems
+
+
+def _unknown_keyword(key: str, params: Any) -> str:
+    """An override that is no config key: the closest config key, or, when none is close
+    (or the config's params: has it), the pipeline's own setting it probably is."""
+    suggestion = _suggest(key, valid_keys())
+    if (suggestion and not (isinstance(params, dict) and key in params)) or \
+            not key.isidentifier():
+        return f"unknown key '{key}' in keyword argument.{suggestion}"
+    return (f"unknown key '{key}' in keyword argument. Did you mean 'params.{key}'? A "
+            "setting of your pipeline goes under params: (passed to build() and "
+            f"data_pool()): --set params.{key}=..., or params={{'{key}': ...}}")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

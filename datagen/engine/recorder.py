@@ -18,12 +18,13 @@ from datagen.errors import a_type
 from datagen.llm.caller import CallStats
 from datagen.llm.types import Completion
 from datagen.manifest import build_manifest
-from datagen.plan import ItemState
+from datagen.plan import ItemState, StepRuntime
 from datagen.runindex import DROPPED, RESULTS, DoneLog, done_path
 from datagen.steps import CallEvent
-from datagen.store import JsonlSink, dumps_line, iso_now, write_json
+from datagen.store import JsonlSink, RunFiles, dumps_line, iso_now, write_json
 
 log = redact.get_logger("datagen.engine")
+EARLY_ITEMS = 5  # the first items finished: when all failed alike, the summary says why
 
 
 @dataclass
@@ -45,6 +46,22 @@ class Counts:
         return self.succeeded + self.failed + self.dropped
 
 
+def hints_for(early: list[tuple[str, str]], steps: list[StepRuntime]) -> list[str]:
+    """What to change when a run's first items all failed the same way: now, when
+    extraction failed and the extractor's format constraint was not sent."""
+    unsent = {s.name: s.unsent_constraint for s in steps if s.unsent_constraint}
+    if not early or any(outcome != "extraction" or step not in unsent
+                        for outcome, step in early):
+        return []
+    names = ", ".join(sorted({str(unsent[step]) for _, step in early}))
+    first = "the only item" if len(early) == 1 else f"all of the first {len(early)} items"
+    return [f"{first} failed extraction ({names}), and the extractor's format constraint "
+            "(its grammar or JSON schema) was not sent to this server: set "
+            "model.constrain_output: true (--set constrain_output=true) to hold the model "
+            "to the format (llama.cpp, vLLM and other servers that take a grammar or a JSON "
+            "schema)"]
+
+
 @dataclass
 class Failure:
     """Why an item failed at a step."""
@@ -56,6 +73,15 @@ class Failure:
     function: str | None = None  # the user function that raised or hung
 
 
+def indexed_sinks(files: RunFiles, fsync: float) -> tuple[DoneLog, JsonlSink, JsonlSink]:
+    """The done index, and the results and dropped files, each line written told to it
+    (resume of a million records reads 16 MB, not the records)."""
+    done_log = DoneLog(done_path(files.results))
+    return (done_log,
+            JsonlSink(files.results, fsync, lambda key, end: done_log.add(key, RESULTS, end)),
+            JsonlSink(files.dropped, fsync, lambda key, end: done_log.add(key, DROPPED, end)))
+
+
 class RunRecorder:
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -63,14 +89,8 @@ class RunRecorder:
         self.files = job.files
         self.counts = Counts()
         fsync = job.options.fsync_interval
-        # the done index: resume of a million records reads 16 MB, not the records
-        self.done_log = DoneLog(done_path(job.files.results))
-        done_log = self.done_log
-        self.results_sink = JsonlSink(job.files.results, fsync,
-                                      lambda key, end: done_log.add(key, RESULTS, end))
+        self.done_log, self.results_sink, self.dropped_sink = indexed_sinks(job.files, fsync)
         self.failures_sink = JsonlSink(job.files.failures, fsync)
-        self.dropped_sink = JsonlSink(job.files.dropped, fsync,
-                                      lambda key, end: done_log.add(key, DROPPED, end))
         self.meta_sink = JsonlSink(job.files.meta, fsync) if job.options.meta_datagen \
             else None
         self.results: dict[tuple[int, tuple[int, ...], int], dict[str, Any]] = {}
@@ -78,6 +98,7 @@ class RunRecorder:
         self._t0 = time.monotonic()
         self._last_counters = 0.0
         self.extra: dict[str, Any] = {}  # more manifest sections (e.g. a user-code hint)
+        self.early: list[tuple[str, str]] = []  # (outcome, step) of the first items
 
     # ---- outcomes --------------------------------------------------------------------
 
@@ -95,6 +116,7 @@ class RunRecorder:
                            "numbers or a pydantic model",
                            state.trace.get(last, {}).get("attempts", 0))
         written = self.results_sink.write_line(line, state.key)
+        self.early += [("ok", "")] if len(self.early) < EARLY_ITEMS else []
         c = self.counts
         c.succeeded += 1
         c.latency_total += sum(t.get("latency_s", 0.0) for t in state.trace.values())
@@ -123,6 +145,7 @@ class RunRecorder:
             line = dumps_line({"index": state.item.index, "key": state.key,
                                "error": error, "item": repr(state.context)})
         self.failures_sink.write_line(line)
+        self.early += [(failure.kind, step)] if len(self.early) < EARLY_ITEMS else []
         self.counts.failed += 1
         self.counts.failed_by_kind[failure.kind] += 1
         where = f" in {failure.function}" if failure.function else ""
@@ -136,6 +159,7 @@ class RunRecorder:
         line = dumps_line({"index": state.item.index, "key": state.key, "step": step,
                            "reason": reason, "item": state.context, "steps": state.trace})
         self.dropped_sink.write_line(line, state.key)
+        self.early += [("drop", step)] if len(self.early) < EARLY_ITEMS else []
         self.counts.dropped += 1
         self.counts.dropped_by_step[step] += 1
         self._changed()
@@ -202,7 +226,14 @@ class RunRecorder:
                 return f"waiting until {until} ({left:.0f} s): {limits.pause_reason}"
         return ""
 
+    def hints(self) -> list[str]:
+        return hints_for(self.early, self.job.steps)
+
     def summary(self) -> str:
+        hints = "".join(f"\nhint: {hint}" for hint in self.hints())
+        return self._counts_line() + hints
+
+    def _counts_line(self) -> str:
         c, s = self.counts, self.stats()
         by_kind = ", ".join(f"{k}: {v}" for k, v in sorted(c.failed_by_kind.items()))
         more = f", {c.dropped} dropped" if c.dropped else ""
@@ -240,7 +271,8 @@ class RunRecorder:
                      "mean_latency_s": round(c.latency_total / c.succeeded, 4)
                      if c.succeeded else None},
             extra={"dropped": {"total": c.dropped, "by_step": dict(c.dropped_by_step)},
-                   "callbacks": {"on_record_errors": c.callback_errors}, **self.extra})
+                   "callbacks": {"on_record_errors": c.callback_errors},
+                   "hints": self.hints(), **self.extra})
 
     def write_manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
         manifest = self.manifest(status, error)

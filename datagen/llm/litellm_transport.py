@@ -14,7 +14,7 @@ from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
-from datagen.llm.errors import CallError, kind_for_status, parse_retry_after
+from datagen.llm.errors import CallError, invalid_request, kind_for_status, parse_retry_after
 from datagen.llm.ratelimits import from_anthropic_headers, from_openai_headers
 from datagen.llm.types import ChatRequest, Completion, RateLimitInfo, Usage
 from datagen.redact import redact
@@ -64,6 +64,19 @@ _UNREADABLE = ("Invalid response object", "Empty or invalid response",
                "LiteLLM: provider returned")
 
 
+def _cause(exc: BaseException, message: str) -> str:
+    """What an exception was raised from, at the bottom of its chain, when that says more
+    than ``message`` (e.g. the connection refused, or a test cassette without the request)."""
+    root, seen = exc, 0
+    while seen < 20 and (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        seen += 1
+    text = str(root).strip()
+    if root is exc or not text or text in message:
+        return ""
+    return redact(f" (cause: {type(root).__name__}: {text[:2000]})")
+
+
 def classify(exc: BaseException) -> CallError:
     """Map any exception from litellm (or below it) to a :class:`CallError`."""
     litellm = import_litellm()
@@ -98,19 +111,21 @@ def _classified(litellm: ModuleType, exc: BaseException, message: str, status: i
         # wrong type): the same kind the fast transports give it
         return CallError("malformed_response", message, status, retry_after)
     if "Connection error" in message or "Cannot connect to host" in message:
-        # litellm reports a refused or reset connection as an InternalServerError
-        return CallError("connection", message, status, retry_after)
+        # litellm reports a refused or reset connection as an InternalServerError, and
+        # the openai SDK's "Connection error." hides why: say what lies beneath it
+        return CallError("connection", message + _cause(exc, message), status, retry_after)
     for cls, kind in checks:
         if isinstance(exc, cls):
             if kind == "bad_request" and status is not None and status >= 500:
                 kind = "server_error"
-            return CallError(kind, message, status, retry_after)
+            return CallError(invalid_request(kind, status, message), message, status,
+                             retry_after)
     if isinstance(exc, TimeoutError):
         return CallError("timeout", message, status, retry_after)
     if isinstance(exc, (ConnectionError, OSError)):
         return CallError("connection", message, status, retry_after)
-    return CallError(kind_for_status(status), f"{type(exc).__name__}: {message}", status,
-                     retry_after)
+    return CallError(invalid_request(kind_for_status(status), status, message),
+                     f"{type(exc).__name__}: {message}", status, retry_after)
 
 
 def _dummy_key_needed(request: ChatRequest) -> bool:

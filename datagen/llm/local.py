@@ -222,11 +222,15 @@ def llama_params(optional_params: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("repeat_penalty", DEFAULT_REPEAT_PENALTY)
     response_format = out.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        # llama.cpp takes a schema as json_object + schema, not OpenAI's json_schema form
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        out["response_format"] = {"type": "json_object", **({"schema": schema} if schema
-                                                            else {})}
+        out["response_format"] = json_object_form(response_format)
     return out
+
+
+def json_object_form(response_format: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``{type: json_schema, json_schema: {schema}}`` as llama.cpp takes it:
+    ``{type: json_object, schema}``."""
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    return {"type": "json_object", **({"schema": schema} if schema else {})}
 
 
 def _completion(result: dict[str, Any], model: str, started: float) -> Completion:

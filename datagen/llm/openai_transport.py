@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from datagen.llm.errors import CallError, kind_for_status, parse_retry_after
+from datagen.llm.errors import CallError, invalid_request, kind_for_status, parse_retry_after
 from datagen.llm.ratelimits import from_openai_headers
 from datagen.llm.types import ChatRequest, Completion, RateLimitInfo, Usage
 from datagen.llm.wire import (
@@ -76,7 +76,7 @@ def _refine(kind: str, message: str, code: str | None) -> str:
 def _classify(status: int, raw: bytes, headers: Any,
               rate_limits: RateLimitInfo | None = None) -> CallError:
     message, code = _error_detail(raw)
-    kind = _refine(kind_for_status(status), message, code)
+    kind = _refine(invalid_request(kind_for_status(status), status, message), message, code)
     return CallError(kind, redact(f"{status}: {message}"), status, parse_retry_after(headers),
                      rate_limits)
 

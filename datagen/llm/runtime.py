@@ -139,25 +139,64 @@ def check_provider(m: ModelConfig) -> None:
         )
 
 
+def wants_constraint(m: ModelConfig) -> bool:
+    """Whether extractors' constraints go to this model (model.constrain_output; auto: the
+    local model needs it, embedded or served by llama.cpp, i.e. provider: local with a
+    base_url; other models follow format instructions on their own)."""
+    return m.provider == "local" if m.constrain_output is None else m.constrain_output
+
+
+def _constraint_of(extractor: Any, sampling: dict[str, Any], prefill: str | None = None
+                   ) -> dict[str, Any] | None:
+    """After a ``prefill`` (the assistant's opening words, when they are fixed text) the
+    constraint is for the continuation: only an extractor that knows how gives one."""
+    budget = sampling.get("max_tokens") or sampling.get("max_completion_tokens")
+    if prefill is not None:
+        after = getattr(extractor, "constraint_after", None)
+        return after(prefill, budget) if callable(after) else None
+    constraint = getattr(extractor, "constraint", None)
+    if not callable(constraint):
+        return None
+    params: dict[str, Any] | None = constraint(budget)
+    return params
+
+
 def constraint_params(m: ModelConfig, extractor: Any, sampling: dict[str, Any],
                       prefill: str | None = None) -> dict[str, Any]:
     """The extractor's output constraint, for models that take one (model.constrain_output);
-    never replaces a grammar or format the user set. After a ``prefill`` (the assistant's
-    opening words, when they are fixed text) the constraint is for the continuation."""
-    # auto: the local model needs it, embedded or served by llama.cpp (provider: local
-    # with a base_url); other models follow format instructions on their own
-    wanted = m.provider == "local" if m.constrain_output is None else m.constrain_output
-    budget = sampling.get("max_tokens") or sampling.get("max_completion_tokens")
-    constraint = getattr(extractor, "constraint", None)
-    if prefill is not None:  # only an extractor that knows how to continue a prefill
-        after = getattr(extractor, "constraint_after", None)
-        constraint = (lambda tokens: after(prefill, tokens)) if callable(after) else None
-    params = constraint(budget) if wanted and callable(constraint) else None
+    never replaces a grammar or format the user set."""
+    params = _constraint_of(extractor, sampling, prefill) if wants_constraint(m) else None
     if not params or any(k in sampling for k in ("grammar", "response_format")):
         return {}
     if "grammar" in params and not m.is_embedded():
         return {"extra_body": {"grammar": params["grammar"]}}  # llama.cpp server form
     return dict(params)
+
+
+def unsent_constraint(m: ModelConfig, extractor: Any, sampling: dict[str, Any]) -> str | None:
+    """The extractor's name when it has a constraint that a self-hosted server (a
+    base_url) could enforce but that is not sent (constrain_output off, no format of the
+    user's): the run's summary suggests constrain_output when its items fail extraction."""
+    if wants_constraint(m) or not m.base_url or m.provider == "anthropic" or any(
+            k in sampling for k in ("grammar", "response_format")):
+        return None
+    if _constraint_of(extractor, sampling) is None:
+        return None
+    return str(getattr(extractor, "name", None) or type(extractor).__name__)
+
+
+def server_params(m: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` in the form the model's server takes. A llama.cpp server (provider:
+    local with a base_url) takes a JSON schema as ``{type: json_object, schema: ...}``
+    and answers OpenAI's ``json_schema`` form with a 500: translated here, as the
+    embedded model translates it in process."""
+    fmt = params.get("response_format")
+    if m.provider == "local" and m.base_url and isinstance(fmt, dict) and \
+            fmt.get("type") == "json_schema":
+        from datagen.llm.local import json_object_form
+
+        return {**params, "response_format": json_object_form(fmt)}
+    return params
 
 
 def response_format_params(response_format: Any) -> dict[str, Any]:
@@ -179,6 +218,7 @@ def request_builder(m: ModelConfig, params: dict[str, Any]
                     ) -> Callable[[Messages | None, str | None], ChatRequest]:
     """(messages, prompt) -> ChatRequest, with everything else fixed once per run."""
     model, base_url, timeout = m.model_string(), m.base_url, m.timeout
+    params = server_params(m, params)
     provider, headers, key = m.effective_provider(), dict(m.headers), api_key_of(m)
 
     def build(messages: Messages | None, prompt: str | None = None) -> ChatRequest:

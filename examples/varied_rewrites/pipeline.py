@@ -50,8 +50,9 @@ def data_pool(pipeline: DataGenerationPipeline, input_dir: str = "input",
                   cache_dir=HERE / ".datagen_chunks")
 
 
-def conversation(record: dict[str, Any]) -> list[dict[str, str]]:
-    """A rewrite instruction and the original text -> the rewrite."""
+def mapper(record: dict[str, Any]) -> list[dict[str, str]]:
+    """A rewrite instruction and the original text -> the rewrite (`datagen export`
+    uses it)."""
     steps = record["steps"]
     style = Path(steps["rewrite"]["prompt_file"]).stem.replace("_", " ")
     return [{"role": "user", "content": f"Rewrite this {style}:\n\n{record['item']['text']}"},
@@ -60,7 +61,7 @@ def conversation(record: dict[str, Any]) -> list[dict[str, str]]:
 
 def export(results: Path) -> Path:
     out = results.with_name(results.stem + "_sharegpt.jsonl")
-    to_sharegpt(results, out, mapper=conversation)
+    to_sharegpt(results, out, mapper=mapper)
     return out
 
 
