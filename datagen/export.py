@@ -33,8 +33,8 @@ def results_file(path: str | Path) -> Path:
     if p.is_file():
         return p
     if p.is_dir():
-        candidates = [f for f in p.glob("*.jsonl") if not f.stem.endswith(("_failures",
-                                                                          "_meta"))]
+        candidates = [f for f in p.glob("*.jsonl") if not f.stem.endswith(
+            ("_failures", "_meta", "_dropped", "_pool"))]
         if candidates:
             return max(candidates, key=lambda f: f.stat().st_mtime)
         raise ExportError(f"no results file (*.jsonl) in {p}")

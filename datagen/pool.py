@@ -272,10 +272,11 @@ class ItemSource:
 
     def __init__(self, pool: Pool, make_item: Callable[..., PoolItem] | None = None,
                  check: Check | None = None, samples: int = 1) -> None:
+        self.pool = pool
         self._make_item = make_item or to_item
         self._fresh = isinstance(pool.source, Path)  # decoded from a file: no copy needed
         self._check = check
-        self._samples = samples
+        self._samples = self.samples = samples
         self._pending: list[PoolItem] = []
         self._sync: Iterator[Any] | None = None
         self._async: AsyncIterator[Any] | None = None
@@ -288,6 +289,31 @@ class ItemSource:
         self.exhausted = False
         self._seen = SeenSet()  # content fingerprints of the items handed out so far
         self._repeats: dict[str, int] = {}  # content key -> occurrences, repeats only
+
+    def reopen(self) -> ItemSource:
+        """A new source over the same pool from its first item, with the same keys (a
+        list or a file, already checked whole: batch mode's rounds re-read the pool)."""
+        if not self.pool.reiterable:
+            raise DataPoolError("a one-pass pool cannot be read again: spill() it first")
+        return ItemSource(self.pool, self._make_item, None, self._samples)
+
+    async def spill(self, path: Path) -> ItemSource:
+        """Write every item of a one-pass pool (a generator, an async iterator) to a JSONL
+        file, each checked as it is read, and return a source over that file. Call it
+        before anything else reads this source."""
+        count = 0
+        with open(path, "wb") as fh:
+            while (pair := await self._next_raw()) is not None:
+                index, raw = pair
+                item = self._make_item(index, raw)
+                if self._check is not None:
+                    self._check(item)
+                fh.write(orjson.dumps(freeze(raw, index)) + b"\n")
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        return ItemSource(Pool(path, count, reiterable=True), self._make_item, None,
+                          self._samples)
 
     async def next(self) -> PoolItem | None:
         """The next item (shape checked, key assigned), or None when the pool is done."""

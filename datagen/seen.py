@@ -77,8 +77,9 @@ class KeyIndex:
     def __init__(self) -> None:
         self._seen = SeenSet(capacity=1 << 16)
 
-    def add(self, key: str) -> None:
-        self._seen.add(key_digest(key))
+    def add(self, key: str) -> bool:
+        """Add; return True if it was there already."""
+        return self._seen.add(key_digest(key))
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key_digest(key) in self._seen

@@ -78,6 +78,12 @@ class RunFiles:
     def debug_dir(self) -> Path:
         return self.results.with_name(self.stem + "_debug")
 
+    # batch mode: the ledger, the request files and results while needed, and a one-pass
+    # pool (a generator) written out so that the rounds can read it again
+    batches = property(lambda self: self.results.with_name(self.stem + "_batches.sqlite"))
+    batch_dir = property(lambda self: self.results.with_name(self.stem + "_batches"))
+    pool_copy = property(lambda self: self.results.with_name(self.stem + "_pool.jsonl"))
+
     def as_dict(self) -> dict[str, str]:
         return {name: str(getattr(self, name))
                 for name in ("results", "failures", "dropped", "manifest", "log")}
@@ -262,6 +268,24 @@ def read_index(*paths: Path, into: KeyIndex | None = None) -> ResultsIndex:
             log.warning("%s: %d line(s) are not valid JSON records and were ignored", path,
                         bad)
     return ResultsIndex(keys, lines, bad)
+
+
+def read_keys(path: Path, offset: int, into: KeyIndex) -> int:
+    """The keys of the whole lines of ``path`` from byte ``offset`` on, added to
+    ``into``; returns the offset after the last whole line (batch mode reads what each
+    round wrote)."""
+    if not path.exists():
+        return offset
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            offset += len(line)
+            key = _key_of(line) if len(line) >= 3 else None
+            if key is not None:
+                into.add(key)
+    return offset
 
 
 class WriteError(OutputError):

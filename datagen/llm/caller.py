@@ -139,7 +139,7 @@ class Caller:
                   estimate: Estimate | None, cache_key: str | None) -> Completion:
         prefill = request.prefill
         if prefill:  # the record holds the whole answer: the prefill and its continuation
-            completion = _with_prefix(completion, prefill)
+            completion = with_prefill(completion, prefill)
         usage = completion.usage
         if estimate is not None:
             self.throttle.used_tokens(estimate, usage.prompt_tokens, usage.completion_tokens)
@@ -165,7 +165,9 @@ class Caller:
         return backoff_delay(attempt - 1)
 
 
-def _with_prefix(completion: Completion, prefill: str) -> Completion:
+def with_prefill(completion: Completion, prefill: str) -> Completion:
+    """The whole answer to a request that ended with the assistant's opening words: the
+    prefill and its continuation (as the record and the cache hold it)."""
     from dataclasses import replace
 
     if completion.text.startswith(prefill):  # a server that echoes the prefill
