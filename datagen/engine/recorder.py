@@ -19,6 +19,7 @@ from datagen.llm.caller import CallStats
 from datagen.llm.types import Completion
 from datagen.manifest import build_manifest
 from datagen.plan import ItemState
+from datagen.seen import KeyIndex
 from datagen.steps import CallEvent
 from datagen.store import JsonlSink, dumps_line, iso_now, write_json
 
@@ -33,6 +34,7 @@ class Counts:
     skipped: int = 0  # already done in the run being resumed
     failed_by_kind: Counter[str] = field(default_factory=Counter)
     dropped_by_step: Counter[str] = field(default_factory=Counter)
+    failed_by_step: Counter[str] = field(default_factory=Counter)
     latency_total: float = 0.0
     validation_retries: Counter[str] = field(default_factory=Counter)
     step_done: Counter[str] = field(default_factory=Counter)
@@ -56,8 +58,13 @@ class Failure:
 
 
 class RunRecorder:
-    def __init__(self, job: Job) -> None:
+    """``rounds``: batch mode's rounds replay unfinished items; a step done, a retry or a
+    meta example is still counted (and written) once per item."""
+
+    def __init__(self, job: Job, rounds: bool = False) -> None:
         self.job = job
+        self.rounds = rounds
+        self._counted: KeyIndex | None = KeyIndex() if rounds else None
         self.plan = job.plan
         self.files = job.files
         self.counts = Counts()
@@ -119,6 +126,7 @@ class RunRecorder:
         self.failures_sink.write_line(line)
         self.counts.failed += 1
         self.counts.failed_by_kind[failure.kind] += 1
+        self.counts.failed_by_step[step] += 1
         where = f" in {failure.function}" if failure.function else ""
         log.warning("item %d (%s) failed at step %s (%s%s) after %d attempt(s): %s",
                     state.item.index, state.key, step, failure.kind, where,
@@ -138,7 +146,7 @@ class RunRecorder:
              prompt: str | None, completion: Completion) -> None:
         """Meta-datagen: the accepted call as a training example for a model that could
         replace this step."""
-        if self.meta_sink is None:
+        if self.meta_sink is None or self._again(f"meta|{step}|{key}"):
             return
         example: dict[str, Any] = {"step": step, "key": key}
         if prompt is None:
@@ -157,11 +165,19 @@ class RunRecorder:
         name = f"{event.step}-{event.key.replace('/', '_')}-{time.time_ns()}.json"
         write_json(folder / name, dataclasses.asdict(event))
 
-    def step_done(self, step: str) -> int:
-        self.counts.step_done[step] += 1
-        done = self.counts.step_done[step]
-        self.job.display.step(step, done)
-        return done
+    def _again(self, what: str) -> bool:
+        """Batch rounds: was this already counted (a replay)? Never, online."""
+        return self._counted is not None and self._counted.add(what)
+
+    def step_done(self, step: str, key: str) -> int:
+        self.counts.step_done[step] += 0 if self._again(f"done|{step}|{key}") else 1
+        self.job.display.step(step, self.counts.step_done[step])
+        return self.counts.step_done[step]
+
+    def retried(self, step: str, key: str, retry: int) -> None:
+        """A validation retry (``retry``: its number for this item and step)."""
+        if not self._again(f"retry|{step}|{key}|{retry}"):
+            self.counts.validation_retries[step] += 1
 
     # ---- display, summary, manifest ---------------------------------------------------
 
@@ -221,6 +237,7 @@ class RunRecorder:
                     "results_in_file": self.job.resumed + c.succeeded},
             steps={name: {"done": c.step_done[name],
                           "validation_retries": c.validation_retries[name],
+                          "failed": c.failed_by_step[name],
                           "dropped": c.dropped_by_step[name]}
                    for name in self.job.step_names},
             calls={"requests": s.requests, "retries": s.retries,
