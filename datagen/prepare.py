@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datagen.batch.ledger import OPEN, BatchLedger
+from datagen.batch.target import BatchPlan, BatchSettings, batch_target
 from datagen.config import Settings
 from datagen.config.schema import MAX_CONCURRENCY
 from datagen.engine.job import Job, RunOptions
@@ -105,8 +107,11 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
     precheck(pool, plan)
     for name in plan.model_names:
         runtime.check_provider(settings.named_model(name))
+    batch_plan = make_batch_plan(settings, plan)  # a model with no batch API: fails here
     opened = open_run(settings, resume, plan.fingerprint)
     try:
+        if batch_plan is None:
+            refuse_open_batches(opened.files)
         cache = ResponseCache(run.cache_path or Path(settings.output_data.output_dir)
                               / CACHE_FILE)
         callers = {name: runtime.make_caller(settings.named_model(name),
@@ -133,4 +138,33 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
                        "extractor": plan.extractor_name, "fingerprint": plan.fingerprint,
                        "resumed": opened.resumed > 0 or len(opened.done) > 0,
                        "cache_shared": run.cache, "config": settings.public_dict()},
-        callers=list(callers.values()), cache=cache, resumed=opened.resumed)
+        callers=list(callers.values()), cache=cache, resumed=opened.resumed,
+        batch_plan=batch_plan)
+
+
+def make_batch_plan(settings: Settings, plan: Plan) -> BatchPlan | None:
+    """Each batch step's batch API (ConfigError for a model that has none), or None when
+    no step goes through a batch."""
+    steps = plan.batch_steps()
+    if not steps:
+        return None
+    knobs = BatchSettings.of(settings.run)
+    return BatchPlan({name: batch_target(name, settings.named_model(model), knobs)
+                      for name, model in steps.items()}, knobs)
+
+
+def refuse_open_batches(files: RunFiles) -> None:
+    """A batch run resumed online would pay again for what its open batches answer."""
+    if not files.batches.exists():
+        return
+    ledger = BatchLedger(files.batches, readonly=True)
+    try:
+        waiting = [row.batch_id or f"#{row.seq}" for row in ledger.batches(*OPEN)]
+    finally:
+        ledger.close()
+    if waiting:
+        raise ConfigError(
+            f"{files.results.name} has {len(waiting)} batch(es) still open at the provider "
+            f"({', '.join(waiting[:3])}{', ...' if len(waiting) > 3 else ''}): resume it in "
+            "batch mode (datagen run --resume --batch, or run.batch: true) to collect them, "
+            f"or cancel them first (datagen cancel {files.results.parent})")
