@@ -2,9 +2,10 @@
 as the online parser reads an answer, and in one pass per thousand lines: each answer
 kept in the ledger and the response cache, each request's outcome, and for each request
 that came back unanswered the decision: sent again in the next round (an error a retry
-can fix, an expiry, a cancel: ``model.max_retries`` times at most), or failed for good
-with the error (a 4xx, or retries used up). Collecting again (after a crash half-way)
-gives the same ledger: every write is keyed.
+can fix: ``model.max_retries`` times at most; an expired or failed batch: at least
+``BATCH_LOSSES`` times; a cancel: always, on resume), or failed for good with the error
+(a 4xx, or retries used up). Collecting again (after a crash half-way) gives the same
+ledger: every write is keyed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datagen.batch.api import CANCELLED, MISSING, SUCCEEDED, BatchAPI, BatchView, Result
+from datagen.batch.api import (
+    CANCELLED,
+    ERRORED,
+    MISSING,
+    SUCCEEDED,
+    BatchAPI,
+    BatchView,
+    Result,
+)  # fmt: skip
 from datagen.batch.ledger import BatchLedger, BatchRow, RequestRow
 from datagen.batch.target import BatchTarget
 from datagen.costs import cost
@@ -25,6 +34,7 @@ from datagen.redact import get_logger
 
 log = get_logger("datagen.batch")
 LINES_PER_COMMIT = 1000
+BATCH_LOSSES = 3  # an expired or failed batch's requests are sent again at least so often
 
 
 @dataclass
@@ -47,9 +57,7 @@ class Usage:
 
     def as_dict(self) -> dict[str, float | int | None]:
         return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                "cost_usd": None if self.cost is None else round(self.cost, 6),
-                "online_cost_usd": None if self.online_cost is None
-                else round(self.online_cost, 6)}
+                "cost_usd": self.cost, "online_cost_usd": self.online_cost}
 
 
 Collected = Callable[[BatchRow, Usage], None]
@@ -138,6 +146,8 @@ class Collector:
         if outcome == CANCELLED:
             return  # a cancel is not the request's fault: resumed, it is sent again
         tries = self.ledger.tries(request.key)
+        if outcome != ERRORED:  # the batch, not the request, failed: sent again regardless
+            retries = max(retries, BATCH_LOSSES)
         if error.retryable and tries <= retries:
             return
         if error.retryable:

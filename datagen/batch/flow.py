@@ -172,10 +172,10 @@ class BatchFlow:
             for row in rows:
                 await self._poll(row)
             self.notify(self.status_line())
-            if not self.ledger.batches("submitted", "ended"):
-                return True
             if self.cancelled() or stop.is_set():
                 return False
+            if not self.ledger.batches("submitted", "ended"):
+                return True
             if time.monotonic() > deadline:
                 raise BatchWaitError(
                     f"{len(rows)} batch(es) still open after {self.settings.max_wait_s / 3600:g} "
@@ -227,6 +227,18 @@ class BatchFlow:
         if row.path:
             Path(row.path).unlink(missing_ok=True)
         self.ledger.update(row.seq, cleaned=1)
+
+    async def cancel_open(self) -> None:
+        """Cancel every batch of the run still open at the provider (``datagen cancel``
+        asked while this run was creating some)."""
+        for row in self.ledger.batches("submitted"):
+            if row.status in ("cancelling", "canceling", "cancelled"):
+                continue
+            try:
+                view = await self.api_for(row).cancel(row.batch_id or "")
+                self.ledger.update(row.seq, status=view.status, counts=view.counts)
+            except BatchAPIError as err:
+                log.warning("could not cancel batch %s: %s", row.batch_id, err.message)
 
     def status_line(self) -> str:
         """What the open batches are doing, for the live display."""

@@ -56,7 +56,7 @@ def _sum_money(rows: list[dict[str, Any]], name: str) -> float | None:
     values = [r[name] for r in rows if r["state"] == "collected"]
     if any(v is None for v in values):
         return None
-    return float(round(sum(values), 6))
+    return float(round(sum(values), 9))
 
 
 def section(ledger: BatchLedger, run: Mapping[str, Any], price_sources: Mapping[str, str]
@@ -71,7 +71,7 @@ def section(ledger: BatchLedger, run: Mapping[str, Any], price_sources: Mapping[
             totals[name] += int(row[name] or 0)
     batch_usd, online_usd = _sum_money(rows, "cost_usd"), _sum_money(rows, "online_cost_usd")
     cost = {"batch_usd": batch_usd, "online_usd": online_usd,
-            "saved_usd": round(online_usd - batch_usd, 6)
+            "saved_usd": round(online_usd - batch_usd, 9)
             if batch_usd is not None and online_usd is not None else None,
             "prices": dict(price_sources)}
     answered = _per_step_answers(ledger)

@@ -34,6 +34,7 @@ from datagen.executors.batch_round import BatchCollector, Finished
 from datagen.llm.caller import CallStats
 from datagen.redact import get_logger
 from datagen.result import RunResult
+from datagen.seen import KeyIndex
 
 log = get_logger("datagen.batch")
 MAX_ROUNDS = 1000  # each round answers at least one step of every waiting item
@@ -87,7 +88,7 @@ class BatchRun:
     async def run(self) -> RunResult:
         job = self.job
         for caller in job.callers:  # rounds replay answers: every caller looks them up
-            caller.lookup = True
+            caller.lookup, caller.seen = True, KeyIndex()
         if not job.source.pool.reiterable:  # a generator: written out, to be read again
             job.source = await job.source.spill(job.files.pool_copy)
             job.total = (job.source.pool.total or 0) * job.source.samples
@@ -147,6 +148,7 @@ class BatchRun:
         if done:
             return False
         if not stop.is_set():
+            await self.flow.cancel_open()
             self.engine.stop_error = {
                 "kind": "cancelled", "message": "the run's batches were cancelled "
                 "(datagen cancel); datagen run --resume sends what is missing again"}

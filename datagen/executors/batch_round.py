@@ -16,7 +16,6 @@ from datagen.batch.target import BatchTarget
 from datagen.engine.job import Deferred, Job
 from datagen.llm.types import ChatRequest, Completion
 from datagen.plan import StepRuntime
-from datagen.seen import KeyIndex
 from datagen.store import read_keys
 
 
@@ -29,7 +28,6 @@ class BatchCollector:
         self.steps: dict[str, StepRuntime] = {step.name: step for step in job.steps}
         self.files = RequestFiles(ledger, folder)
         self.waiting = False  # some batch of an earlier round is still open
-        self._hits = KeyIndex()  # cache hits counted once per request, not per round
 
     def new_round(self, waiting: bool) -> None:
         self.files = RequestFiles(self.ledger, self.folder)
@@ -46,7 +44,7 @@ class BatchCollector:
         if caller.cache is not None:
             hit = caller.cache.get(key)
             if hit is not None:  # answered before (online, or an earlier run): free
-                if not self._hits.add(key):
+                if caller.seen is None or not caller.seen.add(key):
                     caller.stats.cache_hits += 1
                 return hit
         if self.files.has(key) or (self.waiting and self.ledger.waiting(key)):
