@@ -5,6 +5,8 @@ commands, the cost. Kill -9 in every phase is tests/test_batch_kills.py."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -336,3 +338,25 @@ def test_resuming_a_batch_run_online_with_open_batches_is_refused(tmp_path: Path
         with pytest.raises(ConfigError, match="still open at the provider"):
             online.run_sync(make_pool(4), extract_function=DRAFT, resume=True)
         assert server.stats()["batches_created"] == 1 and server.request_count == 0
+
+
+def test_ctrl_c_while_waiting_leaves_the_batch_running_and_resume_collects_it(
+        tmp_path: Path) -> None:
+    with FakeBatchServer(responder=topic_draft, completion_delay=1000) as server:
+        pipe = batch_pipe(tmp_path, server)
+        timer = threading.Thread(target=lambda: (
+            wait_until(lambda: server.stats()["polls"] >= 2),
+            os.kill(os.getpid(), signal.SIGINT)))
+        timer.start()
+        with pytest.raises(RunInterrupted) as stopped:
+            pipe.run_sync(make_pool(8), extract_function=DRAFT)
+        timer.join()
+        assert stopped.value.result.manifest["status"] == "interrupted"
+        assert server.stats()["batches"] == {
+            stopped.value.result.manifest["batches"]["batches"][0]["id"]: "in_progress"}
+        server.advance(1000)
+        done = batch_pipe(tmp_path, server).run_sync(make_pool(8), resume=True,
+                                                     extract_function=DRAFT)
+        stats = paid_once(server)
+    assert len(lines(done.files.results)) == 8 and stats["batches_created"] == 1
+    assert stats["bodies_submitted_twice"] == []

@@ -124,9 +124,6 @@ class AnthropicBatches:
         await self.http.download(f"download results of {view.id}", url, path)
         return [path]
 
-    def leftovers(self, view: BatchView) -> list[str]:
-        return []
-
     def read_line(self, raw: bytes, latency: float) -> Result:
         line = orjson.loads(raw)
         custom_id = str(line.get("custom_id"))

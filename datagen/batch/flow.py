@@ -201,7 +201,9 @@ class BatchFlow:
                                      "polled_at": time.time()}
         if view.ended:
             values.update(state="ended", ended_at=time.time(),
-                          error="; ".join(view.errors) or None)
+                          error="; ".join(view.errors) or None,
+                          output_file_id=view.output_file_id,
+                          error_file_id=view.error_file_id, results_url=view.results_url)
         self.ledger.update(row.seq, **values)
         if view.ended:
             await self._collect(self.ledger.batch(row.seq), view)
@@ -211,14 +213,20 @@ class BatchFlow:
         if view is None and row.batch_id:  # collected again after a crash: look again
             view = await api.retrieve(row.batch_id)
         await self.collector.collect(row, api, view)
-        await self.clean(row, api, view)
+        await self.clean(self.ledger.batch(row.seq))
 
-    async def clean(self, row: BatchRow, api: BatchAPI, view: BatchView | None) -> None:
+    async def tidy(self) -> None:
+        """Batches collected before a crash that left their files behind: cleaned."""
+        for row in self.ledger.batches("collected"):
+            if not row.cleaned:
+                await self.clean(row)
+
+    async def clean(self, row: BatchRow) -> None:
         """The files no longer needed, at the provider and here."""
-        leftovers = api.leftovers(view) if view is not None else []
-        if row.file_id and row.file_id not in leftovers:
-            leftovers.append(row.file_id)
-        for file_id in leftovers:
+        api = self.api_for(row)
+        for file_id in (row.file_id, row.output_file_id, row.error_file_id):
+            if not file_id:
+                continue
             try:
                 await api.delete_file(file_id)
             except BatchAPIError as err:

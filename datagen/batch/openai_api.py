@@ -143,9 +143,6 @@ class OpenAIBatches:
                 paths.append(path)
         return paths
 
-    def leftovers(self, view: BatchView) -> list[str]:
-        return [f for f in (view.input_file_id, view.output_file_id, view.error_file_id) if f]
-
     def read_line(self, raw: bytes, latency: float) -> Result:
         line = orjson.loads(raw)
         custom_id = str(line.get("custom_id"))

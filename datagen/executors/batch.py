@@ -97,6 +97,7 @@ class BatchRun:
         self.engine.begin()
         failure: DatagenError | None = None
         try:
+            await self.flow.tidy()
             failure = await self._rounds()
         except DatagenError as exc:
             failure = exc
