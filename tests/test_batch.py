@@ -23,8 +23,8 @@ from datagen.config import ModelConfig
 from datagen.costs import batch_prices_for
 from datagen.engine import RunInterrupted
 from datagen.errors import ConfigError
-from datagen.testing import FakeOpenAIServer, FakeReply
-from datagen.testing.fake_batch_server import FakeBatchServer
+from datagen.report import report_data, write_report
+from datagen.testing import FakeBatchServer, FakeOpenAIServer, FakeReply
 from datagen.testing.fake_server import last_user_message
 
 FAST = "  batch: true\n  batch_poll_interval: 0.02\n  batch_poll_max: 0.1\n"
@@ -82,6 +82,9 @@ def test_a_batch_run_writes_what_the_online_run_writes(tmp_path: Path,
     assert cost["batch_usd"] == pytest.approx(cost["online_usd"] / 2)
     assert result.manifest["cost_usd"] == pytest.approx(cost["batch_usd"], abs=1e-6)
     assert any("12 requests were sent in 1 batch" in x for x in section["explanation"])
+    shown = report_data(result.files.results)["batches"]  # datagen report: per batch
+    assert shown["rows"][0][1] == batch["id"] and shown["rows"][0][4:6] == [12, 12]
+    assert "batch-table" in write_report(result.files.results).read_text()
     # nothing left behind: the request file, the provider's copies of every file
     assert not list(result.files.batch_dir.glob("*.jsonl"))
     assert server.book.files == {}

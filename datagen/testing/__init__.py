@@ -1,5 +1,5 @@
-"""Testing kit for pipelines: fake OpenAI-compatible and Anthropic servers on 127.0.0.1,
-an in-process fake model (``provider: fake``), and cassette record/replay (see
+"""Testing kit for pipelines: fake OpenAI-compatible, Anthropic and batch API servers on
+127.0.0.1, an in-process fake model (``provider: fake``), and cassette record/replay (see
 ``cassettes``).
 
 The pytest plugin (``datagen.testing.plugin``, registered as a pytest11 entry point) adds
@@ -7,6 +7,7 @@ the ``datagen_cassette`` and ``fake_llm`` fixtures to any project that installs 
 """
 
 from datagen.testing.fake_anthropic import FakeAnthropicServer
+from datagen.testing.fake_batch_server import FakeBatchServer
 from datagen.testing.fake_model import FakeLLM, fake_llm
 from datagen.testing.fake_server import (
     FakeOpenAIServer,
@@ -16,5 +17,5 @@ from datagen.testing.fake_server import (
     echo_draft,
 )  # fmt: skip
 
-__all__ = ["FakeAnthropicServer", "FakeLLM", "FakeOpenAIServer", "FakeReply", "FaultPlan",
-           "completion_body", "echo_draft", "fake_llm"]
+__all__ = ["FakeAnthropicServer", "FakeBatchServer", "FakeLLM", "FakeOpenAIServer",
+           "FakeReply", "FaultPlan", "completion_body", "echo_draft", "fake_llm"]
