@@ -149,13 +149,18 @@ def test_a_4xx_inside_a_batch_fails_its_item_as_online(tmp_path: Path) -> None:
     with FakeBatchServer(responder=topic_draft, error_for=refuse) as server:
         result = batch_pipe(tmp_path, server, max_retries=3).run_sync(
             make_pool(6), extract_function=DRAFT)
+        # resumed, the failed item is tried again: the ledger holds the same 400
+        again = batch_pipe(tmp_path, server, max_retries=3).run_sync(
+            make_pool(6), extract_function=DRAFT, resume=True)
         stats = paid_once(server)
     assert stats["batches_created"] == 1  # a 4xx is not sent again
-    (failure,) = lines(result.files.failures)
+    (failure,) = lines(result.files.failures)  # and not written twice
     assert failure["index"] == 3
     assert failure["error"]["kind"] == "bad_request" and "Invalid content" in \
         failure["error"]["message"]
     assert result.manifest["batches"]["totals"]["failed_for_good"] == 1
+    assert again.counts["failed"] == 1 and again.counts["skipped_done"] == 5
+    assert any("not written twice" in x for x in again.manifest["batches"]["explanation"])
 
 
 def test_anthropic_message_batches(tmp_path: Path) -> None:

@@ -125,6 +125,9 @@ def explain(t: Mapping[str, int], batches: int, answered: Mapping[str, int],
                                "sent)" if hits else "")
         + "; in a multi-step pipeline an answer to an earlier step feeds the next step, not "
         "a record, and a fan-out or samples turn one answer into several records.")
+    if run.get("failed_again"):
+        lines.append(f"{run['failed_again']} items failed again exactly as the failures file "
+                     "already records (the same answer replayed): not written twice.")
     if run.get("waiting"):
         lines.append(f"{run['waiting']} items wait for batches still open: datagen run "
                      "--resume collects them.")

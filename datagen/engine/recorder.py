@@ -40,6 +40,7 @@ class Counts:
     step_done: Counter[str] = field(default_factory=Counter)
     callback_errors: int = 0
     deferred: int = 0  # batch mode: items waiting for this round's batch
+    failed_again: int = 0  # batch mode resumed: failures already in the file, not rewritten
 
     @property
     def finished(self) -> int:
@@ -65,6 +66,7 @@ class RunRecorder:
         self.job = job
         self.rounds = rounds
         self._counted: KeyIndex | None = KeyIndex() if rounds else None
+        self.failed_before: KeyIndex | None = None  # "key|kind|message" already on file
         self.plan = job.plan
         self.files = job.files
         self.counts = Counts()
@@ -76,7 +78,7 @@ class RunRecorder:
             else None
         self.results: dict[tuple[int, tuple[int, ...], int], dict[str, Any]] = {}
         self.started_at = iso_now()
-        self._t0 = time.monotonic()
+        self.t0 = time.monotonic()
         self._last_counters = 0.0
         self.extra: dict[str, Any] = {}  # more manifest sections (e.g. a user-code hint)
 
@@ -123,7 +125,11 @@ class RunRecorder:
         except TypeError:  # an unserialisable item value: keep what can be kept
             line = dumps_line({"index": state.item.index, "key": state.key,
                                "error": error, "item": repr(state.context)})
-        self.failures_sink.write_line(line)
+        if self.failed_before is not None and f"{state.key}|{failure.kind}|{message}" in \
+                self.failed_before:  # batch mode resumed: this very failure is on file
+            self.counts.failed_again += 1
+        else:
+            self.failures_sink.write_line(line)
         self.counts.failed += 1
         self.counts.failed_by_kind[failure.kind] += 1
         self.counts.failed_by_step[step] += 1
@@ -227,31 +233,7 @@ class RunRecorder:
             f"{f', ${s.cost_usd:.4f}' if s.cost_usd is not None else ', cost unknown'}")
 
     def manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
-        c, s = self.counts, self.stats()
-        elapsed = time.monotonic() - self._t0
-        return build_manifest(
-            self.job.manifest_base, status=status, error=error, started_at=self.started_at,
-            updated_at=iso_now(), files=self.files.as_dict(),
-            counts={"finished": c.finished, "succeeded": c.succeeded, "failed": c.failed,
-                    "failed_by_kind": dict(c.failed_by_kind), "skipped_done": c.skipped,
-                    "results_in_file": self.job.resumed + c.succeeded},
-            steps={name: {"done": c.step_done[name],
-                          "validation_retries": c.validation_retries[name],
-                          "failed": c.failed_by_step[name],
-                          "dropped": c.dropped_by_step[name]}
-                   for name in self.job.step_names},
-            calls={"requests": s.requests, "retries": s.retries,
-                   "rate_limited": s.rate_limited, "errors_by_kind": dict(s.errors_by_kind),
-                   "cache_hits": s.cache_hits, "cache_misses": s.cache_misses},
-            tokens={"prompt": s.prompt_tokens, "completion": s.completion_tokens,
-                    "total": s.prompt_tokens + s.completion_tokens},
-            cost_usd=s.cost_usd,
-            timings={"duration_s": round(elapsed, 3),
-                     "items_per_s": round(c.finished / elapsed, 3) if elapsed > 0 else None,
-                     "mean_latency_s": round(c.latency_total / c.succeeded, 4)
-                     if c.succeeded else None},
-            extra={"dropped": {"total": c.dropped, "by_step": dict(c.dropped_by_step)},
-                   "callbacks": {"on_record_errors": c.callback_errors}, **self.extra})
+        return manifest_of(self, status, error)
 
     def write_manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
         manifest = self.manifest(status, error)
@@ -275,3 +257,33 @@ class RunRecorder:
 
     def ordered_results(self) -> list[dict[str, Any]]:
         return [self.results[i] for i in sorted(self.results)]
+
+
+def manifest_of(recorder: RunRecorder, status: str, error: dict[str, str] | None
+                ) -> dict[str, Any]:
+    """The manifest of the run so far (built here, in one place)."""
+    c, s = recorder.counts, recorder.stats()
+    elapsed = time.monotonic() - recorder.t0
+    return build_manifest(
+        recorder.job.manifest_base, status=status, error=error, started_at=recorder.started_at,
+        updated_at=iso_now(), files=recorder.files.as_dict(),
+        counts={"finished": c.finished, "succeeded": c.succeeded, "failed": c.failed,
+                "failed_by_kind": dict(c.failed_by_kind), "skipped_done": c.skipped,
+                "results_in_file": recorder.job.resumed + c.succeeded},
+        steps={name: {"done": c.step_done[name],
+                      "validation_retries": c.validation_retries[name],
+                      "failed": c.failed_by_step[name],
+                      "dropped": c.dropped_by_step[name]}
+               for name in recorder.job.step_names},
+        calls={"requests": s.requests, "retries": s.retries,
+               "rate_limited": s.rate_limited, "errors_by_kind": dict(s.errors_by_kind),
+               "cache_hits": s.cache_hits, "cache_misses": s.cache_misses},
+        tokens={"prompt": s.prompt_tokens, "completion": s.completion_tokens,
+                "total": s.prompt_tokens + s.completion_tokens},
+        cost_usd=s.cost_usd,
+        timings={"duration_s": round(elapsed, 3),
+                 "items_per_s": round(c.finished / elapsed, 3) if elapsed > 0 else None,
+                 "mean_latency_s": round(c.latency_total / c.succeeded, 4)
+                 if c.succeeded else None},
+        extra={"dropped": {"total": c.dropped, "by_step": dict(c.dropped_by_step)},
+               "callbacks": {"on_record_errors": c.callback_errors}, **recorder.extra})

@@ -30,7 +30,7 @@ from datagen.batch.target import BatchPlan, BatchTarget
 from datagen.engine import EngineRun
 from datagen.engine.job import Job
 from datagen.errors import DatagenError
-from datagen.executors.batch_round import BatchCollector, Finished
+from datagen.executors.batch_round import BatchCollector, Finished, failures_on_file
 from datagen.llm.caller import CallStats
 from datagen.redact import get_logger
 from datagen.result import RunResult
@@ -93,6 +93,7 @@ class BatchRun:
             job.source = await job.source.spill(job.files.pool_copy)
             job.total = (job.source.pool.total or 0) * job.source.samples
         job.batch = self.collector
+        self.engine.recorder.failed_before = failures_on_file(job.files.failures)
         self.flow.recover()
         self.engine.begin()
         failure: DatagenError | None = None
@@ -224,7 +225,7 @@ class BatchRun:
                "validation_retries": dict(c.validation_retries),
                "failed_by_step": dict(c.failed_by_step),
                "dropped_by_step": dict(c.dropped_by_step), "cache_hits": stats.cache_hits,
-               "waiting": c.deferred}
+               "waiting": c.deferred, "failed_again": c.failed_again}
         prices = {step: t.price_source for step, t in self.plan.targets.items()}
         summary = section(self.ledger, run, prices)
         summary["waited_s"] = round(self.flow.waited_s, 3)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
+
 from datagen.batch.api import BatchAPI
 from datagen.batch.ledger import BatchLedger
 from datagen.batch.requests import RequestFiles
@@ -16,6 +18,7 @@ from datagen.batch.target import BatchTarget
 from datagen.engine.job import Deferred, Job
 from datagen.llm.types import ChatRequest, Completion
 from datagen.plan import StepRuntime
+from datagen.seen import KeyIndex
 from datagen.store import read_keys
 
 
@@ -70,3 +73,21 @@ class Finished:
     def absorb(self) -> None:
         for path, offset in self.offsets.items():
             self.offsets[path] = read_keys(path, offset, self.job.done)
+
+
+def failures_on_file(path: Path) -> KeyIndex:
+    """Each failure already in a run's failures file, as "key|kind|message": resumed, a
+    batch run replays the same answers, and an item failing again the same way is not
+    written twice."""
+    index = KeyIndex()
+    if path.exists():
+        with open(path, "rb") as fh:
+            for line in fh:
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                error = record.get("error") if isinstance(record, dict) else None
+                if isinstance(error, dict):
+                    index.add(f"{record.get('key')}|{error.get('kind')}|{error.get('message')}")
+    return index
