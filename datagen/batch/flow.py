@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from datagen.batch.api import BatchAPI, BatchView
 from datagen.batch.collect import Collector
@@ -40,6 +41,7 @@ from datagen.redact import get_logger
 
 log = get_logger("datagen.batch")
 ATTEMPTS = 4  # an upload or a create whose answer was lost: tried this often at most
+T = TypeVar("T")
 
 
 class BatchWaitError(DatagenError):
@@ -114,7 +116,7 @@ class BatchFlow:
         path = Path(row.path or self.folder / name)
         for attempt in range(ATTEMPTS):
             if row.state == "uploading" or attempt:  # an upload whose answer may be lost
-                found = await api.find_file(name, row.bytes)
+                found = await self._search(api.find_file(name, row.bytes), [])
                 for extra in found[1:]:
                     await api.delete_file(extra)
                 if found:
@@ -137,9 +139,9 @@ class BatchFlow:
         metadata = {"datagen": tag(self.token, row.seq), "datagen_step": row.step[:500]}
         for attempt in range(ATTEMPTS):
             if row.state == "creating":  # a create whose answer may be lost
-                found = await api.find_batch(tag(self.token, row.seq), row.file_id,
-                                             row.requests, row.intent_at or time.time(),
-                                             self.ledger.known_batch_ids())
+                found = await self._search(api.find_batch(
+                    tag(self.token, row.seq), row.file_id, row.requests,
+                    row.intent_at or time.time(), self.ledger.known_batch_ids()), None)
                 if found is not None:
                     log.info("batch #%d: created before the run stopped, adopted: %s",
                              row.seq, found.id)
@@ -157,6 +159,18 @@ class BatchFlow:
                          err.message[:200])
                 await asyncio.sleep(backoff(attempt))
         raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _search(search: Awaitable[T], nothing: T) -> T:
+        """A search for what a lost answer created; a provider that cannot list finds
+        nothing (said in the log)."""
+        try:
+            return await search
+        except BatchAPIError as err:
+            if err.fatal:
+                raise
+            log.warning("could not look for what a lost answer created: %s", err.message)
+            return nothing
 
     # ---- waiting and collecting ----------------------------------------------------------
 

@@ -77,7 +77,8 @@ def interrupted(result: Any, args: argparse.Namespace) -> None:
     print(f"datagen: interrupted; {result.counts['results_in_file']} records in "
           f"{result.files.results}", file=sys.stderr)
     path = "" if args.path == "." else f" {args.path}"
-    print(f"datagen: continue with: datagen run{path} --resume", file=sys.stderr)
+    batch = " --batch" if getattr(args, "batch", False) else ""
+    print(f"datagen: continue with: datagen run{path} --resume{batch}", file=sys.stderr)
 
 
 def dry_run_report(folder: Any, pool: Any, args: argparse.Namespace) -> str:
