@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import threading
 import time
@@ -368,3 +369,19 @@ def test_ctrl_c_while_waiting_leaves_the_batch_running_and_resume_collects_it(
         stats = paid_once(server)
     assert len(lines(done.files.results)) == 8 and stats["batches_created"] == 1
     assert stats["bodies_submitted_twice"] == []
+
+
+def test_datagen_run_batch_on_the_command_line(tmp_path: Path, server: FakeBatchServer,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "five_topics"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "examples" / "five_topics",
+                    folder)
+    code = main(["run", str(folder), "--batch", "--set", f"base_url={server.base_url}",
+                 "--set", "batch_poll_interval=0.02", "--output", str(tmp_path / "out"),
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert "(5 records)" in capsys.readouterr().out
+    stats = paid_once(server)
+    assert stats["batches_created"] == 1 and stats["requests_submitted"] == 5
+    assert main(["status", str(tmp_path / "out"), "--offline"]) == 0
+    assert "completed" in capsys.readouterr().out

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,6 +36,7 @@ import orjson
 from datagen.errors import OutputError
 from datagen.llm.errors import CallError
 from datagen.llm.types import Completion, Usage
+from datagen.redact import redact, redact_bytes
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
@@ -57,7 +57,6 @@ CREATE TABLE IF NOT EXISTS answers (
 """
 AT_PROVIDER = ("uploading", "uploaded", "creating", "submitted", "ended")
 OPEN = ("prepared", *AT_PROVIDER)  # on their way to the provider, or there
-UNANSWERED = ("errored", "expired", "cancelled", "missing")
 
 
 @dataclass
@@ -108,10 +107,12 @@ class RequestRow:
 
 
 def completion_json(completion: Completion) -> bytes:
-    return orjson.dumps({"text": completion.text, "finish_reason": completion.finish_reason,
-                         "prompt_tokens": completion.usage.prompt_tokens,
-                         "completion_tokens": completion.usage.completion_tokens,
-                         "model": completion.model, "latency_s": completion.latency_s})
+    """An answer as the ledger keeps it (a secret echoed in it redacted, as the cache)."""
+    return redact_bytes(orjson.dumps({
+        "text": completion.text, "finish_reason": completion.finish_reason,
+        "prompt_tokens": completion.usage.prompt_tokens,
+        "completion_tokens": completion.usage.completion_tokens,
+        "model": completion.model, "latency_s": completion.latency_s}))
 
 
 def completion_from(raw: bytes) -> Completion:
@@ -194,7 +195,7 @@ class BatchLedger:
             cursor = db.execute(
                 "INSERT INTO batches (step, api, endpoint, model, target, state) "
                 "VALUES (?, ?, ?, ?, ?, 'preparing')",
-                (step, api, endpoint, model, orjson.dumps(target).decode()))
+                (step, api, endpoint, model, redact(orjson.dumps(target).decode())))
             return int(cursor.lastrowid or 0)
 
     def update(self, seq: int, **values: Any) -> None:
@@ -206,6 +207,8 @@ class BatchLedger:
     def _set(db: sqlite3.Connection, seq: int, values: dict[str, Any]) -> None:
         encoded = {k: (orjson.dumps(v).decode() if k in JSON_COLUMNS and v is not None
                        else v) for k, v in values.items()}
+        if isinstance(encoded.get("error"), str):  # a provider's words: never a secret
+            encoded["error"] = redact(encoded["error"])
         sets = ", ".join(f"{name} = ?" for name in encoded)
         db.execute(f"UPDATE batches SET {sets} WHERE seq = ?", (*encoded.values(), seq))
 
@@ -303,7 +306,3 @@ def _batch_row(row: Any) -> BatchRow:
         if values[name] is not None:
             values[name] = orjson.loads(values[name])
     return BatchRow(**values)
-
-
-def now() -> float:
-    return time.time()

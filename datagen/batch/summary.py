@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from datagen.batch.ledger import UNANSWERED, BatchLedger, BatchRow
+from datagen.batch.ledger import BatchLedger, BatchRow
 
 OUTCOMES = ("completed", "failed", "expired", "cancelled", "missing", "waiting")
 FROM_TALLY = {"succeeded": "completed", "errored": "failed", "expired": "expired",
@@ -135,6 +135,3 @@ def explain(t: Mapping[str, int], batches: int, answered: Mapping[str, int],
         lines.append(f"cost: ${cost['batch_usd']:.4f} through batches; the same tokens online "
                      f"would have cost ${cost['online_usd']:.4f}.")
     return lines
-
-
-__all__ = ["UNANSWERED", "batch_rows", "explain", "section"]
