@@ -82,6 +82,8 @@ def test_a_batch_run_writes_what_the_online_run_writes(tmp_path: Path,
     cost = section["cost"]  # gpt-4o-mini: litellm lists its batch price
     assert cost["batch_usd"] == pytest.approx(cost["online_usd"] / 2)
     assert result.manifest["cost_usd"] == pytest.approx(cost["batch_usd"], abs=1e-6)
+    assert section["summary"].startswith("12 requests in 1 batch(es), $")
+    assert "online it would have cost $" in section["summary"]
     assert any("12 requests were sent in 1 batch" in x for x in section["explanation"])
     shown = report_data(result.files.results)["batches"]  # datagen report: per batch
     assert shown["rows"][0][1] == batch["id"] and shown["rows"][0][4:6] == [12, 12]

@@ -75,8 +75,11 @@ def section(ledger: BatchLedger, run: Mapping[str, Any], price_sources: Mapping[
             if batch_usd is not None and online_usd is not None else None,
             "prices": dict(price_sources)}
     answered = _per_step_answers(ledger)
+    money = (f", ${batch_usd:.4f} (online it would have cost ${online_usd:.4f})"
+             if batch_usd is not None and online_usd is not None else "")
     return {"batches": rows, "totals": dict(totals), "cost": cost,
             "answers_by_step": answered,
+            "summary": f"{totals['requests']} requests in {len(rows)} batch(es){money}",
             "explanation": explain(dict(totals), len(rows), answered, run, cost)}
 
 

@@ -230,7 +230,8 @@ class RunRecorder:
             f"{more}; {s.requests} requests, {s.retries} retries, {s.rate_limited} "
             f"rate-limited (429), {s.cache_hits} cache hits; "
             f"{s.prompt_tokens} prompt + {s.completion_tokens} completion tokens"
-            f"{f', ${s.cost_usd:.4f}' if s.cost_usd is not None else ', cost unknown'}")
+            f"{f', ${s.cost_usd:.4f}' if s.cost_usd is not None else ', cost unknown'}"
+            + (f"; {self.extra['batches']['summary']}" if "batches" in self.extra else ""))
 
     def manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
         return manifest_of(self, status, error)
