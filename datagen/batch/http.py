@@ -114,7 +114,8 @@ class Http:
         try:
             async with self.session().request(
                     method, url, data=body, params=params, headers={**extra, **(headers or {})},
-                    timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
+                    timeout=aiohttp.ClientTimeout(  # an upload of 200 MB may take a while
+                        total=None, sock_connect=60, sock_read=self.timeout)) as response:
                 raw = await response.read()
                 if response.status >= 300:
                     raise BatchAPIError(what, _message(raw), response.status)

@@ -68,6 +68,7 @@ class EngineRun:
         self.interrupts = 0
         self.signal: int | None = None  # the last stop signal received
         self.stop_error: dict[str, str] | None = None  # why a stop that is not a signal
+        self.abandoned = False
 
     def begin(self) -> None:
         self.recorder.write_manifest("running", None)
@@ -90,13 +91,20 @@ class EngineRun:
         except DatagenError as exc:
             failure = exc
         except BaseException as exc:  # cancellation, or a bug: the files stay valid
-            _finish(job, recorder, "interrupted", _error_of(exc))
+            self.abandon(exc)
             raise
         finally:
             ticker.cancel()
             self.interrupts += pool.interrupts
             self.signal = pool.signal if pool.signal is not None else self.signal
         return failure
+
+    def abandon(self, exc: BaseException) -> None:
+        """A bug or a cancellation outside a pass: the files closed, the manifest says
+        ``interrupted``; the caller raises ``exc`` on."""
+        if not self.abandoned:
+            self.abandoned = True
+            _finish(self.job, self.recorder, "interrupted", _error_of(exc))
 
     def end(self, failure: DatagenError | None) -> RunResult:
         """Close the files, write the final manifest; return the result, or raise the

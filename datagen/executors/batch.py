@@ -102,6 +102,10 @@ class BatchRun:
             failure = await self._rounds()
         except DatagenError as exc:
             failure = exc
+        except BaseException as exc:  # a bug, or cancelled: the files stay valid
+            self.engine.recorder.extra["batches"] = self.section()
+            self.engine.abandon(exc)
+            raise
         self.engine.recorder.extra["batches"] = self.section()
         log.info("batch mode: waited %.1f s for the provider", self.flow.waited_s)
         return self.engine.end(failure)
