@@ -84,9 +84,19 @@ def waiting_run(ledger: Path) -> str:
         try:
             fcntl.flock(fd.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            return fd.read(300).decode("utf-8", "replace").strip() or "a running process"
+            return _holder(fd.read(4096))
         fcntl.flock(fd.fileno(), fcntl.LOCK_UN)
     return ""
+
+
+def _holder(raw: bytes) -> str:
+    import orjson
+
+    try:
+        info = orjson.loads(raw)
+        return f"pid {info['pid']} on {info['host']}, since {info['started']}"
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "a running process"
 
 
 def _keys(config: str | None) -> dict[str, str]:
