@@ -7,7 +7,6 @@ the ``datagen_cassette`` and ``fake_llm`` fixtures to any project that installs 
 """
 
 from datagen.testing.fake_anthropic import FakeAnthropicServer
-from datagen.testing.fake_batch_server import FakeBatchServer
 from datagen.testing.fake_model import FakeLLM, fake_llm
 from datagen.testing.fake_server import (
     FakeOpenAIServer,
@@ -19,3 +18,12 @@ from datagen.testing.fake_server import (
 
 __all__ = ["FakeAnthropicServer", "FakeBatchServer", "FakeLLM", "FakeOpenAIServer",
            "FakeReply", "FaultPlan", "completion_body", "echo_draft", "fake_llm"]
+
+
+def __getattr__(name: str) -> object:
+    # lazy, so that ``python -m datagen.testing.fake_batch_server`` runs it only once
+    if name == "FakeBatchServer":
+        from datagen.testing.fake_batch_server import FakeBatchServer
+
+        return FakeBatchServer
+    raise AttributeError(f"module 'datagen.testing' has no attribute {name!r}")
