@@ -31,7 +31,7 @@ class ExportError(DatagenError):
     """A results file that cannot be exported as asked."""
 
 
-_NOT_RESULTS = ("_failures", "_meta", "_dropped", "_sharegpt", "_openai")
+_NOT_RESULTS = ("_failures", "_meta", "_dropped", "_sharegpt", "_openai", "_pool")
 
 
 def results_file(path: str | Path) -> Path:

@@ -75,6 +75,9 @@ class SingleStepPlan:
     def make_item(self, index: int, raw: Any, fresh: bool = False) -> PoolItem:
         return to_item(index, raw, fresh)
 
+    def batch_steps(self) -> dict[str, str | None]:
+        return {self.STEP: None} if self.settings.run.batch else {}
+
     def check_item(self, item: PoolItem) -> None:
         self.prompt.check(item.user_kwargs, item.system_kwargs, f"item {item.index}")
 
@@ -176,6 +179,11 @@ class StepsPlan:
         except TemplateError:
             return False
         return True
+
+    def batch_steps(self) -> dict[str, str | None]:
+        run_wide = self.settings.run.batch
+        return {step.name: step.model for step in self.steps
+                if (run_wide if step.batch is None else step.batch)}
 
     def runtimes(self, callers: dict[str | None, Caller]) -> list[StepRuntime]:
         out = []

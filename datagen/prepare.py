@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from datagen.batch.ledger import OPEN, BatchLedger
+from datagen.batch.target import BatchPlan, BatchSettings, batch_target
 from datagen.config import Settings
 from datagen.config.schema import MAX_CONCURRENCY
 from datagen.engine.job import Job, RunOptions
@@ -25,11 +27,12 @@ from datagen.llm import runtime
 from datagen.llm.cache import ResponseCache
 from datagen.manifest import check_resume, read_manifest
 from datagen.plan import Plan
-from datagen.pool import ItemSource, Pool, checked_items, open_pool
+from datagen.pool import Pool, checked_items, open_pool
 from datagen.progress import make_display
 from datagen.redact import get_logger
 from datagen.runindex import Positions, read_done, read_positions, write_positions
 from datagen.seen import KeyIndex
+from datagen.source import ItemSource
 from datagen.store import RunFiles, RunLock, key_of, repair_torn_tail
 
 log = get_logger("datagen.pipeline")
@@ -167,8 +170,11 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
     resume = check_resume_value(run.resume if resume is None else resume)
     pool = open_pool(data_pool)
     plan.check_models()
+    batch_plan = make_batch_plan(settings, plan)  # a model with no batch API: fails here
     opened, todo, repeats = open_run(settings, plan, pool, resume, run.samples)
     try:
+        if batch_plan is None:
+            refuse_open_batches(opened.files)
         cache = ResponseCache(run.cache_path or Path(settings.output_data.output_dir)
                               / CACHE_FILE)
         callers = {name: runtime.make_caller(settings.named_model(name),
@@ -198,4 +204,33 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
                        # where the pipeline lives: `datagen export` finds its mapper there
                        "config_file": str(settings.config_path) if settings.config_path
                        else None},
-        callers=list(callers.values()), cache=cache, resumed=opened.resumed)
+        callers=list(callers.values()), cache=cache, resumed=opened.resumed,
+        batch_plan=batch_plan)
+
+
+def make_batch_plan(settings: Settings, plan: Plan) -> BatchPlan | None:
+    """Each batch step's batch API (ConfigError for a model that has none), or None when
+    no step goes through a batch."""
+    steps = plan.batch_steps()
+    if not steps:
+        return None
+    knobs = BatchSettings.of(settings.run)
+    return BatchPlan({name: batch_target(name, settings.named_model(model), knobs)
+                      for name, model in steps.items()}, knobs)
+
+
+def refuse_open_batches(files: RunFiles) -> None:
+    """A batch run resumed online would pay again for what its open batches answer."""
+    if not files.batches.exists():
+        return
+    ledger = BatchLedger(files.batches, readonly=True)
+    try:
+        waiting = [row.batch_id or f"#{row.seq}" for row in ledger.batches(*OPEN)]
+    finally:
+        ledger.close()
+    if waiting:
+        raise ConfigError(
+            f"{files.results.name} has {len(waiting)} batch(es) still open at the provider "
+            f"({', '.join(waiting[:3])}{', ...' if len(waiting) > 3 else ''}): resume it in "
+            "batch mode (datagen run --resume --batch, or run.batch: true) to collect them, "
+            f"or cancel them first (datagen cancel {files.results.parent})")

@@ -129,7 +129,22 @@ def report_data(source: str | Path) -> dict[str, Any]:
         "cost_usd": manifest.get("cost_usd"), "model": manifest.get("model", ""),
         "latency": _histogram(latencies), "length": _histogram([float(n) for n in lengths]),
         "reasons": reasons.most_common(), "rows": rows, "page_size": PAGE_SIZE,
+        "batches": _batches(manifest),
     }
+
+
+BATCH_COLUMNS = ("seq", "id", "step", "status", "requests", "completed", "failed", "expired",
+                 "cancelled", "missing", "waiting", "sent_again", "failed_for_good")
+
+
+def _batches(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Batch mode: each batch's counts, the cost beside online, the explanation."""
+    section = manifest.get("batches")
+    if not isinstance(section, dict) or not section.get("batches"):
+        return None
+    return {"columns": BATCH_COLUMNS,
+            "rows": [[row.get(c) for c in BATCH_COLUMNS] for row in section["batches"]],
+            "cost": section.get("cost") or {}, "explanation": section.get("explanation", [])}
 
 
 def write_report(source: str | Path, out: str | Path | None = None) -> Path:
@@ -164,6 +179,7 @@ max-height:220px;overflow:auto;font:12px/1.4 ui-monospace,monospace}
 <div class="hists"><div><h2>Latency per record (s)</h2><svg id="h-latency" width="420"
 height="140"></svg></div><div><h2>Output length (characters)</h2><svg id="h-length"
 width="420" height="140"></svg></div></div>
+<div id="batches"></div>
 <h2>Failures by reason</h2><table id="reasons"><tbody></tbody></table>
 <h2>Records</h2>
 <p><input id="search" type="search" placeholder="search inputs, prompts, responses, keys">
@@ -202,6 +218,14 @@ function hist(id, h) {
   svg.innerHTML = out;
 }
 hist("h-latency", D.latency); hist("h-length", D.length);
+if (D.batches) { const B = D.batches, c = B.cost || {};
+  document.getElementById("batches").innerHTML = "<h2>Batches</h2><table id='batch-table'>" +
+    "<thead><tr>" + B.columns.map(h => `<th>${esc(h)}</th>`).join("") + "</tr></thead>" +
+    "<tbody>" + B.rows.map(r => "<tr>" + r.map(v => `<td>${esc(v === null ? "-" : v)}</td>`)
+    .join("") + "</tr>").join("") + "</tbody></table>" + (c.batch_usd != null ?
+    `<p>cost $${c.batch_usd.toFixed(4)} through batches; online $${(c.online_usd || 0)
+    .toFixed(4)}</p>` : "") + B.explanation.map(x => `<p class="muted">${esc(x)}</p>`)
+    .join(""); }
 document.querySelector("#reasons tbody").innerHTML = D.reasons.length ?
   D.reasons.map(([r, c]) => `<tr><td>${c}</td><td>${esc(r)}</td></tr>`).join("") :
   "<tr><td class='muted'>no failures</td></tr>";

@@ -127,8 +127,9 @@ class KeyIndex:
             size <<= 1
         self._seen = SeenSet(capacity=size)
 
-    def add(self, key: str) -> None:
-        self._seen.add(key_digest(key))
+    def add(self, key: str) -> bool:
+        """Add; return True if it was there already."""
+        return self._seen.add(key_digest(key))
 
     def add_digest(self, digest: int) -> None:
         self._seen.add(digest)

@@ -31,6 +31,7 @@ from datagen.errors import OutputError
 from datagen.lock import RunLock as RunLock  # re-exported
 from datagen.lock import RunLockedError
 from datagen.lock import iso_now as iso_now  # re-exported
+from datagen.seen import KeyIndex
 
 log = redact.get_logger("datagen.store")
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -77,6 +78,12 @@ class RunFiles:
     @property
     def debug_dir(self) -> Path:
         return self.results.with_name(self.stem + "_debug")
+
+    # batch mode: the ledger, the request files and results while needed, and a one-pass
+    # pool (a generator) written out so that the rounds can read it again
+    batches = property(lambda self: self.results.with_name(self.stem + "_batches.sqlite"))
+    batch_dir = property(lambda self: self.results.with_name(self.stem + "_batches"))
+    pool_copy = property(lambda self: self.results.with_name(self.stem + "_pool.jsonl"))
 
     def as_dict(self) -> dict[str, str]:
         return {name: str(getattr(self, name))
@@ -229,6 +236,24 @@ def key_of(line: bytes) -> str | None:
         return None
     key = record.get("key") if isinstance(record, dict) else None
     return key if isinstance(key, str) else None
+
+
+def read_keys(path: Path, offset: int, into: KeyIndex) -> int:
+    """The keys of the whole lines of ``path`` from byte ``offset`` on, added to
+    ``into``; returns the offset after the last whole line (batch mode reads what each
+    round wrote)."""
+    if not path.exists():
+        return offset
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            offset += len(line)
+            key = key_of(line) if len(line) >= 3 else None
+            if key is not None:
+                into.add(key)
+    return offset
 
 
 class WriteError(OutputError):

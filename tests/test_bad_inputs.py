@@ -175,6 +175,20 @@ def _second_writer(c: Case) -> str:
     return message
 
 
+def _batch_open(c: Case) -> str:
+    from datagen.testing import FakeBatchServer
+
+    with FakeBatchServer(completion_delay=1000) as batches:
+        left = DataGenerationPipeline(config=c.cfg, base_url=batches.base_url, batch=True,
+                                      batch_poll_interval=0.02, batch_max_wait_hours=0.0001)
+        with pytest.raises(DatagenError, match="still open after"):
+            left.run_sync(make_pool(2))  # gives up waiting: the batch stays open
+        message = error_of(lambda: DataGenerationPipeline(
+            config=c.cfg, base_url=batches.base_url).run_sync(make_pool(2), resume=True))
+        assert batches.request_count == 0 and batches.stats()["batches_created"] == 1
+    return message
+
+
 def _malformed(c: Case) -> str:
     from datagen.testing import FakeReply
 
@@ -478,6 +492,9 @@ CASES: dict[str, Callable[[Case], str]] = {
     "a request the server rejects as invalid": _rejected_format,
     "a format the model ignores, no constraint sent": _unconstrained,
     "a request the test's cassette lacks": _cassette_miss,
+    "a batch step on a model without a batch API": lambda c: error_of(
+        lambda: c.pipe(batch=True, provider="deepseek").run_sync(make_pool(1))),
+    "resuming a batch run online while its batches are open": _batch_open,
 }
 
 
@@ -495,6 +512,7 @@ AFTER_A_RUN = {  # the case makes a run first, then checks that the refusal sent
     "`datagen export` of a multi-step run, no `--step` or mapper",
     "`datagen export --step` that is no step", "`datagen export` to a file that exists",
     "`datagen export --mapper` that does not exist",
+    "resuming a batch run online while its batches are open",
 }
 SENDS = {  # the fault is only known from an answer, or is about writing one
     "invalid API key (401)", "model not found (404)", "the disk fills up",

@@ -164,7 +164,7 @@ def test_cli_version() -> None:
 
 
 def test_seen_set_grows_and_remembers() -> None:
-    from datagen.pool import SeenSet
+    from datagen.seen import SeenSet
 
     seen = SeenSet(capacity=4)
     values = [i * 7919 + 2 for i in range(5000)] + [2**64 - 1]

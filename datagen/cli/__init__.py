@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from datagen.cli import batch as batch_commands
 from datagen.cli import run as commands
 from datagen.cli import tools
 from datagen.cli.common import (
@@ -53,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failure-rate", type=share, default=0.1,
                      help="exit 1 when more than this share of items failed (default 0.1)")
     run.add_argument("--no-progress", action="store_true", help="no progress display")
+    run.add_argument("--batch", action="store_true",
+                     help="every step through the provider's batch API (about half price; "
+                          "answers within 24 h; --resume picks the batches up)")
     run.set_defaults(func=commands.run)
+    batch_commands.add_commands(sub, fmt)
 
     est = sub.add_parser("estimate", help="tokens, cost and time of a run, sending nothing",
                          formatter_class=fmt, description="The dry run of a pipeline.",

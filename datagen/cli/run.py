@@ -21,6 +21,7 @@ RUN_EXAMPLES = """examples:
   datagen run examples/factual_qa --limit 20   a seeded subset of 20 items
   datagen run . --set model.temperature=0.2 --set provider=openai --set model=gpt-4o-mini
   datagen run . --resume                       continue the newest run of this experiment
+  datagen run . --batch                        through the provider's batch API, half price
   datagen run . --dry-run                      tokens, cost and time; nothing is sent
   datagen run config.yaml --pool items.jsonl   the single-step form, no pipeline.py
 """
@@ -79,7 +80,8 @@ def interrupted(result: Any, args: argparse.Namespace) -> None:
     print(f"datagen: interrupted; {result.counts['results_in_file']} records in "
           f"{result.files.results}", file=sys.stderr)
     path = "" if args.path == "." else f" {args.path}"
-    print(f"datagen: continue with: datagen run{path} --resume", file=sys.stderr)
+    batch = " --batch" if getattr(args, "batch", False) else ""
+    print(f"datagen: continue with: datagen run{path} --resume{batch}", file=sys.stderr)
 
 
 def dry_run_report(folder: Any, pool: Any, args: argparse.Namespace) -> str:

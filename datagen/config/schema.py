@@ -84,6 +84,11 @@ class ModelConfig(_Section):
         None, "dollars per million input tokens (default: litellm's local price map)", ge=0)
     output_cost_per_million: float | None = _described(
         None, "dollars per million output tokens", ge=0)
+    batch_input_cost_per_million: float | None = _described(
+        None, "batch mode: dollars per million input tokens (default: litellm's batch price, "
+        "else half the online price, the providers' documented discount)", ge=0)
+    batch_output_cost_per_million: float | None = _described(
+        None, "batch mode: dollars per million output tokens (same defaults)", ge=0)
     constrain_output: bool | None = _described(
         None, "send the extractor's grammar/JSON schema: null = only to provider local, "
         "true = always, false = never")
@@ -211,6 +216,20 @@ class RunConfig(_Section):
                               "own seed", ge=1, le=10_000)
     batch: bool = _described(False, "send every step through the provider's batch API "
                              "(about half price, answers within the completion window)")
+    batch_poll_interval: float = _described(
+        10.0, "batch mode: seconds before the first status poll of open batches; doubles "
+        "after each poll up to batch_poll_max", gt=0)
+    batch_poll_max: float = _described(
+        300.0, "batch mode: the longest wait between two status polls, in seconds", gt=0)
+    batch_max_requests: int | None = _described(
+        None, "batch mode: requests per batch at most (default: the provider's limit, "
+        "OpenAI 50,000, Anthropic 100,000)", ge=1)
+    batch_max_mb: float | None = _described(
+        None, "batch mode: megabytes per batch request file at most (default: the "
+        "provider's limit, OpenAI 200, Anthropic 256)", gt=0)
+    batch_max_wait_hours: float = _described(
+        30.0, "batch mode: stop waiting for open batches after this many hours (they keep "
+        "running at the provider; --resume picks them up)", gt=0)
     shutdown_timeout: float = _described(30.0, "seconds Ctrl+C / SIGTERM waits for the "
                                          "requests in flight", ge=0)
     user_code_timeout: float = _described(

@@ -20,6 +20,7 @@ from datagen.llm.types import Completion
 from datagen.manifest import build_manifest
 from datagen.plan import ItemState, StepRuntime
 from datagen.runindex import DROPPED, RESULTS, DoneLog, done_path
+from datagen.seen import KeyIndex
 from datagen.steps import CallEvent
 from datagen.store import JsonlSink, RunFiles, dumps_line, iso_now, write_json
 
@@ -35,11 +36,13 @@ class Counts:
     skipped: int = 0  # already done in the run being resumed
     failed_by_kind: Counter[str] = field(default_factory=Counter)
     dropped_by_step: Counter[str] = field(default_factory=Counter)
+    failed_by_step: Counter[str] = field(default_factory=Counter)
     latency_total: float = 0.0
     validation_retries: Counter[str] = field(default_factory=Counter)
     step_done: Counter[str] = field(default_factory=Counter)
     callback_errors: int = 0
     deferred: int = 0  # batch mode: items waiting for this round's batch
+    failed_again: int = 0  # batch mode resumed: failures already in the file, not rewritten
 
     @property
     def finished(self) -> int:
@@ -83,8 +86,14 @@ def indexed_sinks(files: RunFiles, fsync: float) -> tuple[DoneLog, JsonlSink, Js
 
 
 class RunRecorder:
-    def __init__(self, job: Job) -> None:
+    """``rounds``: batch mode's rounds replay unfinished items; a step done, a retry or a
+    meta example is still counted (and written) once per item."""
+
+    def __init__(self, job: Job, rounds: bool = False) -> None:
         self.job = job
+        self.rounds = rounds
+        self._counted: KeyIndex | None = KeyIndex() if rounds else None
+        self.failed_before: KeyIndex | None = None  # "key|kind|message" already on file
         self.plan = job.plan
         self.files = job.files
         self.counts = Counts()
@@ -95,7 +104,7 @@ class RunRecorder:
             else None
         self.results: dict[tuple[int, tuple[int, ...], int], dict[str, Any]] = {}
         self.started_at = iso_now()
-        self._t0 = time.monotonic()
+        self.t0 = time.monotonic()
         self._last_counters = 0.0
         self.extra: dict[str, Any] = {}  # more manifest sections (e.g. a user-code hint)
         self.early: list[tuple[str, str]] = []  # (outcome, step) of the first items
@@ -144,10 +153,15 @@ class RunRecorder:
         except TypeError:  # an unserialisable item value: keep what can be kept
             line = dumps_line({"index": state.item.index, "key": state.key,
                                "error": error, "item": repr(state.context)})
-        self.failures_sink.write_line(line)
+        if self.failed_before is not None and f"{state.key}|{failure.kind}|{message}" in \
+                self.failed_before:  # batch mode resumed: this very failure is on file
+            self.counts.failed_again += 1
+        else:
+            self.failures_sink.write_line(line)
         self.early += [(failure.kind, step)] if len(self.early) < EARLY_ITEMS else []
         self.counts.failed += 1
         self.counts.failed_by_kind[failure.kind] += 1
+        self.counts.failed_by_step[step] += 1
         where = f" in {failure.function}" if failure.function else ""
         log.warning("item %d (%s) failed at step %s (%s%s) after %d attempt(s): %s",
                     state.item.index, state.key, step, failure.kind, where,
@@ -168,7 +182,7 @@ class RunRecorder:
              prompt: str | None, completion: Completion) -> None:
         """Meta-datagen: the accepted call as a training example for a model that could
         replace this step."""
-        if self.meta_sink is None:
+        if self.meta_sink is None or self._again(f"meta|{step}|{key}"):
             return
         example: dict[str, Any] = {"step": step, "key": key}
         if prompt is None:
@@ -187,11 +201,19 @@ class RunRecorder:
         name = f"{event.step}-{event.key.replace('/', '_')}-{time.time_ns()}.json"
         write_json(folder / name, dataclasses.asdict(event))
 
-    def step_done(self, step: str) -> int:
-        self.counts.step_done[step] += 1
-        done = self.counts.step_done[step]
-        self.job.display.step(step, done)
-        return done
+    def _again(self, what: str) -> bool:
+        """Batch rounds: was this already counted (a replay)? Never, online."""
+        return self._counted is not None and self._counted.add(what)
+
+    def step_done(self, step: str, key: str) -> int:
+        self.counts.step_done[step] += 0 if self._again(f"done|{step}|{key}") else 1
+        self.job.display.step(step, self.counts.step_done[step])
+        return self.counts.step_done[step]
+
+    def retried(self, step: str, key: str, retry: int) -> None:
+        """A validation retry (``retry``: its number for this item and step)."""
+        if not self._again(f"retry|{step}|{key}|{retry}"):
+            self.counts.validation_retries[step] += 1
 
     # ---- display, summary, manifest ---------------------------------------------------
 
@@ -245,34 +267,11 @@ class RunRecorder:
             f"{more}; {s.requests} requests, {s.retries} retries, {s.rate_limited} "
             f"rate-limited (429), {s.cache_hits} cache hits; "
             f"{s.prompt_tokens} prompt + {s.completion_tokens} completion tokens"
-            f"{f', ${s.cost_usd:.4f}' if s.cost_usd is not None else ', cost unknown'}")
+            f"{f', ${s.cost_usd:.4f}' if s.cost_usd is not None else ', cost unknown'}"
+            + (f"; {self.extra['batches']['summary']}" if "batches" in self.extra else ""))
 
     def manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
-        c, s = self.counts, self.stats()
-        elapsed = time.monotonic() - self._t0
-        return build_manifest(
-            self.job.manifest_base, status=status, error=error, started_at=self.started_at,
-            updated_at=iso_now(), files=self.files.as_dict(),
-            counts={"finished": c.finished, "succeeded": c.succeeded, "failed": c.failed,
-                    "failed_by_kind": dict(c.failed_by_kind), "skipped_done": c.skipped,
-                    "results_in_file": self.job.resumed + c.succeeded},
-            steps={name: {"done": c.step_done[name],
-                          "validation_retries": c.validation_retries[name],
-                          "dropped": c.dropped_by_step[name]}
-                   for name in self.job.step_names},
-            calls={"requests": s.requests, "retries": s.retries,
-                   "rate_limited": s.rate_limited, "errors_by_kind": dict(s.errors_by_kind),
-                   "cache_hits": s.cache_hits, "cache_misses": s.cache_misses},
-            tokens={"prompt": s.prompt_tokens, "completion": s.completion_tokens,
-                    "total": s.prompt_tokens + s.completion_tokens},
-            cost_usd=s.cost_usd,
-            timings={"duration_s": round(elapsed, 3),
-                     "items_per_s": round(c.finished / elapsed, 3) if elapsed > 0 else None,
-                     "mean_latency_s": round(c.latency_total / c.succeeded, 4)
-                     if c.succeeded else None},
-            extra={"dropped": {"total": c.dropped, "by_step": dict(c.dropped_by_step)},
-                   "callbacks": {"on_record_errors": c.callback_errors},
-                   "hints": self.hints(), **self.extra})
+        return manifest_of(self, status, error)
 
     def write_manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
         manifest = self.manifest(status, error)
@@ -297,3 +296,34 @@ class RunRecorder:
 
     def ordered_results(self) -> list[dict[str, Any]]:
         return [self.results[i] for i in sorted(self.results)]
+
+
+def manifest_of(recorder: RunRecorder, status: str, error: dict[str, str] | None
+                ) -> dict[str, Any]:
+    """The manifest of the run so far (built here, in one place)."""
+    c, s = recorder.counts, recorder.stats()
+    elapsed = time.monotonic() - recorder.t0
+    return build_manifest(
+        recorder.job.manifest_base, status=status, error=error, started_at=recorder.started_at,
+        updated_at=iso_now(), files=recorder.files.as_dict(),
+        counts={"finished": c.finished, "succeeded": c.succeeded, "failed": c.failed,
+                "failed_by_kind": dict(c.failed_by_kind), "skipped_done": c.skipped,
+                "results_in_file": recorder.job.resumed + c.succeeded},
+        steps={name: {"done": c.step_done[name],
+                      "validation_retries": c.validation_retries[name],
+                      "failed": c.failed_by_step[name],
+                      "dropped": c.dropped_by_step[name]}
+               for name in recorder.job.step_names},
+        calls={"requests": s.requests, "retries": s.retries,
+               "rate_limited": s.rate_limited, "errors_by_kind": dict(s.errors_by_kind),
+               "cache_hits": s.cache_hits, "cache_misses": s.cache_misses},
+        tokens={"prompt": s.prompt_tokens, "completion": s.completion_tokens,
+                "total": s.prompt_tokens + s.completion_tokens},
+        cost_usd=s.cost_usd,
+        timings={"duration_s": round(elapsed, 3),
+                 "items_per_s": round(c.finished / elapsed, 3) if elapsed > 0 else None,
+                 "mean_latency_s": round(c.latency_total / c.succeeded, 4)
+                 if c.succeeded else None},
+        extra={"dropped": {"total": c.dropped, "by_step": dict(c.dropped_by_step)},
+               "callbacks": {"on_record_errors": c.callback_errors},
+               "hints": recorder.hints(), **recorder.extra})

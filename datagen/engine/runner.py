@@ -16,6 +16,7 @@ from datagen.engine.job import Deferred, Job
 from datagen.engine.recorder import Failure, RunRecorder
 from datagen.engine.verdict import judge
 from datagen.errors import RunAbortedError, a_type
+from datagen.llm.cache import ResponseCache
 from datagen.llm.errors import CallError
 from datagen.llm.types import ChatRequest, Completion, request_identity
 from datagen.plan import ItemState, StepRuntime
@@ -56,6 +57,26 @@ def step_trace(completion: Completion, attempts: int, retries: int) -> dict[str,
             "validation_retries": retries, "cached": attempts == 0}
 
 
+class Rejections:
+    """Rejected answers forgotten by the cache: at once; in batch mode (``hold``) when the
+    run ends, since its rounds replay every unfinished item and each replay must take the
+    same path (nothing asked twice)."""
+
+    def __init__(self, hold: bool) -> None:
+        self.held: dict[str, ResponseCache] | None = {} if hold else None
+
+    def reject(self, cache: ResponseCache, key: str) -> None:
+        if self.held is not None:
+            self.held[key] = cache
+        else:
+            cache.reject(key)
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        for key, cache in (held or {}).items():
+            cache.reject(key)
+
+
 class ItemRunner:
     """Carries items through the job's steps; outcomes go to the recorder."""
 
@@ -64,6 +85,7 @@ class ItemRunner:
         self.steps = job.steps
         self.timeout = job.options.user_code_timeout
         self.observers = job.options.observers
+        self.rejections = Rejections(hold=recorder.rounds)
 
     async def run(self, item: PoolItem) -> None:
         state = ItemState(item=item, key=item.key, context=dict(item.user_kwargs),
@@ -89,7 +111,7 @@ class ItemRunner:
             except Deferred:  # batch mode: its request is in this round's batch
                 self.recorder.counts.deferred += 1
                 return
-            self._report(step.name, self.recorder.step_done(step.name))
+            self._report(step.name, self.recorder.step_done(step.name, state.key))
             if step.one_to_many:
                 await self._fan_out(step, state, output, position)
                 return
@@ -119,7 +141,7 @@ class ItemRunner:
             except Deferred:
                 self.recorder.counts.deferred += 1
                 return
-            self._report(step.name, self.recorder.step_done(step.name))
+            self._report(step.name, self.recorder.step_done(step.name, sample.key))
             if step.one_to_many:
                 await self._fan_out(step, sample, output, position)
                 return
@@ -201,7 +223,7 @@ class ItemRunner:
                 raise StepFailed(Failure(verdict.kind, reason, attempts, completion,
                                          verdict.function))
             retries += 1
-            self.recorder.counts.validation_retries[step.name] += 1
+            self.recorder.retried(step.name, state.key, retries)
             error_message = reason
             log.info("step %s, %s: %s failed (%s); retry %d/%d", step.name, where,
                      verdict.kind, reason[:200], retries, step.max_retries)
@@ -214,7 +236,8 @@ class ItemRunner:
         self._observe("before", event)
         try:
             if step.batch and self.job.batch is not None and key is not None:
-                completion = await self.job.batch.answer(step.name, request, key)
+                completion = await self.job.batch.answer(step.name, request, key,
+                                                         state.key)
                 attempts = 1  # paid for, through a batch
             else:
                 completion, attempts = await step.caller.call(request, key)
@@ -237,7 +260,7 @@ class ItemRunner:
         resume asks the model again. (When the user's code itself failed, the answer is
         kept: fix the code and resume, and it is not paid for twice.)"""
         if key is not None and step.caller.cache is not None:
-            step.caller.cache.reject(key)
+            self.rejections.reject(step.caller.cache, key)
 
     async def _user(self, fn: Any, kind: str, *args: Any) -> Any:
         try:

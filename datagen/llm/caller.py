@@ -16,6 +16,7 @@ from datagen.redact import get_logger
 
 if TYPE_CHECKING:
     from datagen.llm.cache import ResponseCache
+    from datagen.seen import KeyIndex
 
 log = get_logger("datagen.llm")
 BACKOFF_BASE_S = 0.5
@@ -93,6 +94,8 @@ class Caller:
     prices: tuple[float, float] | None = None  # dollars per input / output token
     lookup: bool = True  # False: nothing this run asks can be stored yet (a new run whose
     # answers are kept for its own resume only): answers are stored, never looked up
+    seen: KeyIndex | None = None  # batch mode, whose rounds replay answers: the requests
+    # this run answered or counted already (a replay is not a cache hit)
 
     async def call(self, request: ChatRequest, cache_key: str | None = None
                    ) -> tuple[Completion, int]:
@@ -104,7 +107,8 @@ class Caller:
         if self.cache is not None and cache_key is not None and self.lookup:
             hit = self.cache.get(cache_key)
             if hit is not None:
-                self.stats.cache_hits += 1
+                if self.seen is None or not self.seen.add(cache_key):
+                    self.stats.cache_hits += 1
                 return hit, 0
             self.stats.cache_misses += 1
         estimate = estimate_tokens(request) if self.throttle.counts_tokens else None
@@ -140,7 +144,7 @@ class Caller:
                   estimate: Estimate | None, cache_key: str | None) -> Completion:
         prefill = request.prefill
         if prefill:  # the record holds the whole answer: the prefill and its continuation
-            completion = _with_prefix(completion, prefill)
+            completion = with_prefill(completion, prefill)
         usage = completion.usage
         self.throttle.limits.observe(completion.rate_limits)
         if estimate is not None:
@@ -149,6 +153,8 @@ class Caller:
             self.throttle.concurrency.succeeded()
         if self.cache is not None and cache_key is not None:
             self.cache.put(cache_key, completion)  # before parsing: never paid twice
+            if self.seen is not None:
+                self.seen.add(cache_key)
         self.stats.prompt_tokens += usage.prompt_tokens
         self.stats.completion_tokens += usage.completion_tokens
         if self.prices is None:
@@ -167,7 +173,9 @@ class Caller:
         return backoff_delay(attempt - 1)
 
 
-def _with_prefix(completion: Completion, prefill: str) -> Completion:
+def with_prefill(completion: Completion, prefill: str) -> Completion:
+    """The whole answer to a request that ended with the assistant's opening words: the
+    prefill and its continuation (as the record and the cache hold it)."""
     from dataclasses import replace
 
     if completion.text.startswith(prefill):  # a server that echoes the prefill

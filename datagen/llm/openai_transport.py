@@ -73,7 +73,7 @@ def _refine(kind: str, message: str, code: str | None) -> str:
     return kind
 
 
-def _classify(status: int, raw: bytes, headers: Any,
+def classify(status: int, raw: bytes, headers: Any,
               rate_limits: RateLimitInfo | None = None) -> CallError:
     message, code = _error_detail(raw)
     kind = _refine(invalid_request(kind_for_status(status), status, message), message, code)
@@ -125,7 +125,12 @@ def parse_completion(raw: bytes, latency: float, rate_limits: RateLimitInfo | No
                      ) -> Completion:
     """A chat (or text) completion body -> :class:`Completion`; raises :class:`CallError`
     (``malformed_response``, ``empty_response``, or the kind of an error in the body)."""
-    body = load_object(raw)
+    return completion_of(load_object(raw), latency, rate_limits)
+
+
+def completion_of(body: dict[str, Any], latency: float,
+                  rate_limits: RateLimitInfo | None = None) -> Completion:
+    """:func:`parse_completion` of a body already decoded (a batch's result line)."""
     if body.get("choices") is None and body.get("error") is not None:
         raise _in_band_error(body["error"], rate_limits)
     choices = field_of(body, "choices", list, "")
@@ -155,6 +160,28 @@ def parse_completion(raw: bytes, latency: float, rate_limits: RateLimitInfo | No
     )
 
 
+def build_body(request: ChatRequest, prefill: str = "") -> bytes:
+    """The JSON body of ``request`` for an OpenAI-compatible endpoint (chat, or text
+    completion when it has a prompt): what the fast transport POSTs, and what a batch's
+    request line carries. A chat ending with the assistant's turn (a prefill) goes as the
+    server continues one: ``prefill`` "template" (llama.cpp's server: the chat template
+    left open, as a prompt) or "continue" (vLLM, SGLang: their flags)."""
+    params = dict(request.params)
+    extra = params.pop("extra_body", None) or {}  # the openai SDK's way: merged in
+    model = request.model.split("/", 1)[1] if "/" in request.model else request.model
+    prompt = request.prompt
+    if prompt is None and request.prefill is not None:
+        if prefill == "template":
+            from datagen.llm.local import template_prompt
+
+            prompt = template_prompt(request.model, list(request.messages))
+        elif prefill == "continue":
+            extra = {**extra, "continue_final_message": True, "add_generation_prompt": False}
+    if prompt is not None:
+        return orjson.dumps({"model": model, "prompt": prompt, **params, **extra})
+    return orjson.dumps({"model": model, "messages": request.messages, **params, **extra})
+
+
 class OpenAITransport:
     """POSTs to ``{base_url}/chat/completions`` with a pooled aiohttp session."""
 
@@ -181,25 +208,10 @@ class OpenAITransport:
         return self._session
 
     def _body(self, request: ChatRequest) -> tuple[str, bytes]:
-        """The URL and the body of ``request``; a chat ending with the assistant's turn
-        (a prefill) as this server continues one."""
-        params = dict(request.params)
-        extra = params.pop("extra_body", None) or {}  # the openai SDK's way: merged in
-        model = request.model.split("/", 1)[1] if "/" in request.model else request.model
-        prompt = request.prompt
-        if prompt is None and request.prefill is not None:
-            if self.prefill == "template":  # llama.cpp's server: the template left open
-                from datagen.llm.local import template_prompt
-
-                prompt = template_prompt(request.model, list(request.messages))
-            elif self.prefill == "continue":  # vLLM, SGLang
-                extra = {**extra, "continue_final_message": True,
-                         "add_generation_prompt": False}
-        if prompt is not None:
-            return self.completions_url, orjson.dumps({"model": model, "prompt": prompt,
-                                                       **params, **extra})
-        return self.url, orjson.dumps({"model": model, "messages": request.messages,
-                                       **params, **extra})
+        """The URL and the body of ``request``."""
+        as_text = request.prompt is not None or (request.prefill is not None
+                                                 and self.prefill == "template")
+        return (self.completions_url if as_text else self.url), build_body(request, self.prefill)
 
     async def complete(self, request: ChatRequest) -> Completion:
         session = self._open()
@@ -208,7 +220,7 @@ class OpenAITransport:
         status, raw, headers = await post(session, url, body, request.timeout)
         rate_limits = from_openai_headers(headers)
         if status != 200:
-            raise _classify(status, raw, headers, rate_limits)
+            raise classify(status, raw, headers, rate_limits)
         try:
             return parse_completion(raw, time.perf_counter() - started, rate_limits)
         except CallError as err:  # an unreadable 200 still said what the limits are
