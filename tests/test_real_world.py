@@ -203,6 +203,23 @@ def test_prefill_on_the_embedded_model(tmp_path: Path) -> None:
         assert record["output"].strip()
 
 
+@needs_model
+def test_a_few_shot_prompt_of_4000_tokens_fits_the_embedded_model(tmp_path: Path) -> None:
+    """Prompts written for bigger models (Augmentoolkit's run 3,000-4,500 tokens) fit the
+    embedded model's context, its trained 8,192."""
+    shots = "".join(
+        f"- role: user\n  content: |\n    Text: sentence {i} about the sea and its tides, "
+        f"{'waves rolling in ' * 60}\n- role: assistant\n  content: |\n    Question {i}?\n"
+        for i in range(12))
+    config = folder(tmp_path, {"q.yaml": shots + "- role: user\n  content: 'Text: {text}'\n"},
+                    max_tokens=8)
+    p = DataGenerationPipeline(config=config, provider="local", model="smollm2", base_url=None,
+                               syntax="format").step("q", prompt="q.yaml")
+    result = p.run_sync([{"text": "Tides follow the moon."}])
+    assert len(result) == 1, lines(result.files.failures)
+    assert result[0]["steps"]["q"]["usage"]["prompt_tokens"] > 2048
+
+
 # ---- 3. several prompts for one step --------------------------------------------------
 
 def test_one_prompt_of_several_per_item_chosen_from_its_key(tmp_path: Path) -> None:
