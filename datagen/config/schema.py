@@ -91,6 +91,10 @@ class ModelConfig(_Section):
         "auto", "how a prompt ending with the assistant's turn is sent: auto picks per "
         "provider; native (Anthropic), continue (vLLM's continue_final_message), template "
         "(the chat template left open: local models), off (an error)")
+    samples_in_one_request: bool | Literal["auto"] = _described(
+        "auto", "samples of one prompt (samples=N) asked in one request with n=N, the "
+        "prompt billed once: auto = on for OpenAI's own API (provider openai, no "
+        "base_url); true for servers that honour n (vLLM); false = one request each")
 
     @field_validator("api_key", "base_url", mode="before")
     @classmethod
