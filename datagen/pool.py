@@ -318,6 +318,11 @@ class ItemSource:
         self._seen = SeenSet()  # content fingerprints of the items handed out so far
         self._repeats: dict[str, int] = {}  # content key -> occurrences, repeats only
 
+    @property
+    def samples(self) -> int:
+        """The copies of each item handed out (run.samples)."""
+        return self._samples
+
     async def next(self) -> PoolItem | None:
         """The next item (shape checked, key assigned), or None when the pool is done."""
         if self._pending:

@@ -75,6 +75,7 @@ async def execute(job: Job) -> RunResult:
         raise
     finally:
         ticker.cancel()
+        runner.shared.close()  # no shared request outlives the run
     status = "failed" if failure else "interrupted" if pool.interrupts else "completed"
     manifest, closing = _finish(job, recorder, status,
                                 _error_of(failure) if failure else None)
