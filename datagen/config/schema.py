@@ -212,7 +212,8 @@ class RunConfig(_Section):
     cache_path: str | None = _described(None, "default: output_dir/.datagen_cache.sqlite")
     cache_salt: str = _described("", "change it for fresh samples of the same requests")
     samples: int = _described(1, "outputs per input item, keyed <key>#i, each with its "
-                              "own seed", ge=1, le=10_000)
+                              "own seed (or one request with n: "
+                              "model.samples_in_one_request)", ge=1, le=10_000)
     batch: bool = _described(False, "send every step through the provider's batch API "
                              "(about half price, answers within the completion window)")
     shutdown_timeout: float = _described(30.0, "seconds Ctrl+C / SIGTERM waits for the "

@@ -12,7 +12,7 @@ request. On resume, a group some of whose samples are done sends nothing: its an
 comes from the cache (stored whole, every choice), or its samples ask one by one.
 
 A sample asks on its own (n=1, its own seed), exactly as without sharing, when the server
-returned fewer choices than asked, when its choice was empty, for every retry after its
+returned fewer choices than asked, when its choice had no text, for every retry after its
 answer was rejected, and when the shared request failed in a way asking apart may not
 (the server refused ``n``; an answer it could not read). A step whose server refused
 ``n``, or whose samples render different requests, asks apart for the rest of the run.
