@@ -74,14 +74,21 @@ class StepRuntime:
     seeded: bool = False  # the provider takes a seed: samples get distinct ones
     base_seed: int = 0
     unsent_constraint: str | None = None  # the extractor could constrain, but is not sent
+    shared: bool = False  # the samples of one input share one request (n = samples)
 
     def request_for(self, state: ItemState, messages: Messages | None,
-                    prompt: str | None) -> ChatRequest:
+                    prompt: str | None, variant: int | None = None, n: int = 1
+                    ) -> ChatRequest:
+        """The request of ``state`` (of ``variant``, when given: the first sample of a
+        group whose ``n`` samples share one request)."""
         request = self.build_request(messages, prompt)
-        if state.variant and self.seeded:  # distinct samples where the provider seeds
+        variant = state.variant if variant is None else variant
+        seeded = bool(variant and self.seeded)  # distinct samples where the provider seeds
+        if seeded or n > 1:
             from dataclasses import replace
 
-            params = {**request.params, "seed": self.base_seed + state.variant}
+            params = {**request.params, **({"seed": self.base_seed + variant} if seeded
+                                           else {}), **({"n": n} if n > 1 else {})}
             request = replace(request, params=params)
         return request
 

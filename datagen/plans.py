@@ -13,7 +13,7 @@ import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from datagen.config import Settings, sampling_of
+from datagen.config import ModelConfig, Settings, sampling_of
 from datagen.errors import TemplateError
 from datagen.llm import runtime
 from datagen.llm.caller import Caller
@@ -53,6 +53,12 @@ def seeding(settings: Settings, name: str | None) -> tuple[bool, int]:
     m = settings.named_model(name)
     takes_seed = runtime.transport_name(m) in ("openai", "local") or m.seed is not None
     return takes_seed, m.seed or 0
+
+
+def shares_samples(m: ModelConfig, params: Mapping[str, Any], batch: bool) -> bool:
+    """Whether a step's samples share one request with ``n`` (model.samples_in_one_request;
+    not through a batch API, nor when the step's own parameters already set ``n``)."""
+    return not batch and "n" not in params and runtime.shares_samples(m)
 
 
 class SingleStepPlan:
@@ -102,12 +108,14 @@ class SingleStepPlan:
             return prompt.messages(item.user_kwargs, item.system_kwargs, where), None, None
 
         seeded, base = seeding(self.settings, None)
+        batch = self.settings.run.batch
         return [StepRuntime(name=self.STEP, caller=callers[None], render=render,
                             build_request=runtime.request_builder(m, params),
                             extract=self.extractor, max_retries=0, seeded=seeded,
-                            base_seed=base, batch=self.settings.run.batch,
+                            base_seed=base, batch=batch,
                             unsent_constraint=runtime.unsent_constraint(
-                                m, self.extractor, sampling))]
+                                m, self.extractor, sampling),
+                            shared=shares_samples(m, params, batch))]
 
 
 class StepsPlan:
@@ -198,15 +206,17 @@ class StepsPlan:
             params = {**sampling, **(runtime.constraint_params(m, step.extract, sampling,
                                                                prefill) if constraint else {})}
             seeded, base = seeding(self.settings, step.model)
+            batch = self.settings.run.batch if step.batch is None else step.batch
             out.append(StepRuntime(
                 name=step.name, caller=callers[step.model], render=_renderer(step),
                 build_request=runtime.request_builder(m, params), extract=step.extract,
                 validate=step.validate, keep=step.keep, input_processor=step.input_processor,
                 max_retries=step.max_retries, one_to_many=step.one_to_many,
-                samples=step.samples, seeded=seeded,
-                batch=self.settings.run.batch if step.batch is None else step.batch,
+                samples=step.samples, seeded=seeded, batch=batch,
                 base_seed=int(step.sampling.get("seed", base) or 0),
-                unsent_constraint=runtime.unsent_constraint(m, step.extract, sampling)))
+                unsent_constraint=runtime.unsent_constraint(m, step.extract, sampling),
+                # several prompts: its samples pick theirs by key, and ask apart
+                shared=len(step.prompts) == 1 and shares_samples(m, params, batch)))
         return out
 
 

@@ -466,6 +466,9 @@ CASES: dict[str, Callable[[Case], str]] = {
     "step name that is not an identifier": lambda c: _steps(c, name="my-step"),
     "two steps with one name": lambda c: _steps(c, name="first"),
     "step `samples=0`": lambda c: _steps(c, samples=0),
+    "`samples_in_one_request: true` for a model without `n`": lambda c: error_of(
+        lambda: c.pipe(provider="anthropic", model="claude-3-5-haiku-latest",
+                       samples_in_one_request=True).run_sync(make_pool(1))),
     "step `mode` neither chat nor completion": lambda c: _steps(c, mode="stream"),
     "step `prompt=[]`": lambda c: _steps(c, prompt=[]),
     "`extract_function` on a multi-step pipeline": lambda c: error_of(

@@ -381,8 +381,8 @@ def load_settings(
 
 def named_model(settings: Settings, name: str | None) -> ModelConfig:
     """The model a step asked for: the main one for None, else ``models[name]``, which
-    inherits the main model's settings (but not its connection settings, api_key and
-    base_url, when it names a provider of its own)."""
+    inherits the main model's settings (but not its server's: api_key, base_url, headers,
+    samples_in_one_request, when it names a provider of its own)."""
     if name is None:
         return settings.model
     if name not in settings.models:
@@ -392,7 +392,7 @@ def named_model(settings: Settings, name: str | None) -> ModelConfig:
     own = settings.models[name]
     base = settings.model.model_dump(exclude_unset=False)
     if "provider" in own:
-        for key in ("api_key", "base_url", "headers"):
+        for key in ("api_key", "base_url", "headers", "samples_in_one_request"):
             base.pop(key, None)
     try:
         return ModelConfig.model_validate({**base, **own})

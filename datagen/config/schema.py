@@ -96,6 +96,10 @@ class ModelConfig(_Section):
         "auto", "how a prompt ending with the assistant's turn is sent: auto picks per "
         "provider; native (Anthropic), continue (vLLM's continue_final_message), template "
         "(the chat template left open: local models), off (an error)")
+    samples_in_one_request: bool | Literal["auto"] = _described(
+        "auto", "samples of one prompt (samples=N) asked in one request with n=N, the "
+        "prompt billed once: auto = on for OpenAI's own API (provider openai, no "
+        "base_url); true for servers that honour n (vLLM); false = one request each")
 
     @field_validator("api_key", "base_url", mode="before")
     @classmethod
@@ -213,7 +217,8 @@ class RunConfig(_Section):
     cache_path: str | None = _described(None, "default: output_dir/.datagen_cache.sqlite")
     cache_salt: str = _described("", "change it for fresh samples of the same requests")
     samples: int = _described(1, "outputs per input item, keyed <key>#i, each with its "
-                              "own seed", ge=1, le=10_000)
+                              "own seed (or one request with n: "
+                              "model.samples_in_one_request)", ge=1, le=10_000)
     batch: bool = _described(False, "send every step through the provider's batch API "
                              "(about half price, answers within the completion window)")
     batch_poll_interval: float = _described(

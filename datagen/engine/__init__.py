@@ -96,6 +96,7 @@ class EngineRun:
             raise
         finally:
             ticker.cancel()
+            self.runner.shared.close()  # no shared request outlives the pass
             self.interrupts += pool.interrupts
             self.signal = pool.signal if pool.signal is not None else self.signal
         return failure

@@ -75,7 +75,9 @@ def estimate_tokens(request: ChatRequest) -> Estimate:
     text = request.prompt if request.prompt is not None else "".join(
         str(m.get("content", "")) for m in request.messages)
     budget = request.params.get("max_tokens") or request.params.get("max_completion_tokens")
-    return Estimate(len(text) // 4 + 4 * len(request.messages), int(budget or 256))
+    choices = request.params.get("n")  # n answers: n budgets, one prompt
+    choices = choices if isinstance(choices, int) and choices > 1 else 1
+    return Estimate(len(text) // 4 + 4 * len(request.messages), int(budget or 256) * choices)
 
 
 def backoff_delay(attempt: int) -> float:
@@ -123,6 +125,16 @@ class Caller:
                 await self._failed(err, attempt)
                 continue
             return self._answered(request, completion, estimate, cache_key), attempt
+
+    def cached(self, cache_key: str) -> Completion | None:
+        """The cache's answer to a request, or None; nothing is sent. (For samples of a
+        shared request of which some were done before a resume: the others' choices.)"""
+        if self.cache is None or not self.lookup:
+            return None
+        hit = self.cache.get(cache_key)
+        if hit is not None:
+            self.stats.cache_hits += 1
+        return hit
 
     async def _failed(self, err: CallError, attempt: int) -> None:
         """Count a failed attempt; raise it if it is final, else wait before the next."""
@@ -178,6 +190,8 @@ def with_prefill(completion: Completion, prefill: str) -> Completion:
     prefill and its continuation (as the record and the cache hold it)."""
     from dataclasses import replace
 
-    if completion.text.startswith(prefill):  # a server that echoes the prefill
-        return completion
-    return replace(completion, text=prefill + completion.text)
+    def whole(text: str) -> str:  # a server that echoes the prefill: as it is
+        return text if text.startswith(prefill) else prefill + text
+
+    choices = tuple(replace(c, text=whole(c.text)) for c in completion.choices)
+    return replace(completion, text=whole(completion.text), choices=choices)

@@ -16,7 +16,7 @@ from typing import Any
 
 from datagen.llm.errors import CallError, invalid_request, kind_for_status, parse_retry_after
 from datagen.llm.ratelimits import from_anthropic_headers, from_openai_headers
-from datagen.llm.types import ChatRequest, Completion, RateLimitInfo, Usage
+from datagen.llm.types import ChatRequest, Choice, Completion, RateLimitInfo, Usage
 from datagen.redact import redact
 
 
@@ -136,23 +136,39 @@ def _dummy_key_needed(request: ChatRequest) -> bool:
     )
 
 
-def _to_completion(response: Any, latency: float) -> Completion:
-    choices = getattr(response, "choices", None) or []
-    if not choices:
-        raise CallError("empty_response", "the response has no choices")
-    choice = choices[0]
+def _choice(choice: Any) -> Choice:
+    """One of a response's choices (chat or text-completion shape); one without text is
+    marked rejected, as the fast transport marks it."""
     message = getattr(choice, "message", None)
     text = getattr(message, "content", None)
     if text is None:
         text = getattr(choice, "text", None)  # text-completion shape
-    if text is None:
+    return Choice(str(text or ""), getattr(choice, "finish_reason", None),
+                  rejected=text is None)
+
+
+def _index(choice: Any, choices: list[Any]) -> int:
+    index = getattr(choice, "index", None)
+    return index if isinstance(index, int) and not isinstance(index, bool) else \
+        choices.index(choice)
+
+
+def _to_completion(response: Any, latency: float) -> Completion:
+    choices = getattr(response, "choices", None) or []
+    if not choices:
+        raise CallError("empty_response", "the response has no choices")
+    if len(choices) > 1:  # in their index order, as the fast transport reads them
+        choices = sorted(choices, key=lambda c: _index(c, choices))
+    read = [_choice(choice) for choice in choices]
+    answered = [c for c in read if not c.rejected]
+    if not answered:
         raise CallError("empty_response", "the response has no text content")
     usage = getattr(response, "usage", None)
     hidden = getattr(response, "_hidden_params", None)
     headers = hidden.get("additional_headers") if isinstance(hidden, dict) else None
     return Completion(
-        text=text,
-        finish_reason=getattr(choice, "finish_reason", None),
+        text=answered[0].text,
+        finish_reason=answered[0].finish_reason,
         usage=Usage(
             prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
             completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
@@ -160,6 +176,7 @@ def _to_completion(response: Any, latency: float) -> Completion:
         model=str(getattr(response, "model", "") or ""),
         latency_s=latency,
         rate_limits=rate_limits_of(headers),
+        choices=tuple(read) if len(read) > 1 else (),
     )
 
 

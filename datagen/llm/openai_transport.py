@@ -19,7 +19,7 @@ import orjson
 
 from datagen.llm.errors import CallError, invalid_request, kind_for_status, parse_retry_after
 from datagen.llm.ratelimits import from_openai_headers
-from datagen.llm.types import ChatRequest, Completion, RateLimitInfo, Usage
+from datagen.llm.types import ChatRequest, Choice, Completion, RateLimitInfo, Usage
 from datagen.llm.wire import (
     field_of,
     join_url,
@@ -124,7 +124,8 @@ def _text_of(content: Any) -> str | None:
 def parse_completion(raw: bytes, latency: float, rate_limits: RateLimitInfo | None = None
                      ) -> Completion:
     """A chat (or text) completion body -> :class:`Completion`; raises :class:`CallError`
-    (``malformed_response``, ``empty_response``, or the kind of an error in the body)."""
+    (``malformed_response``, ``empty_response``, or the kind of an error in the body).
+    Several choices (a request with ``n`` > 1) are all read, in their ``index`` order."""
     return completion_of(load_object(raw), latency, rate_limits)
 
 
@@ -137,26 +138,22 @@ def completion_of(body: dict[str, Any], latency: float,
     if not choices:
         raise CallError("empty_response", "the response has no choices", None, None,
                         rate_limits)
-    choice = choices[0]
-    if not isinstance(choice, dict):
-        raise malformed(f"choices[0] is a {type(choice).__name__}, not an object: "
-                        f"{preview(choice)}")
-    message = field_of(choice, "message", dict, "choices[0].") or {}
-    text = _text_of(message.get("content"))
-    if text is None:
-        text = field_of(choice, "text", str, "choices[0].")
-    if text is None:
+    read = sorted((_choice(choice, i) for i, choice in enumerate(choices)),
+                  key=lambda pair: pair[0])
+    answered = [c for _, c in read if not c.rejected]
+    if not answered:
         raise CallError("empty_response", "the response has no text content", None, None,
                         rate_limits)
     usage = field_of(body, "usage", dict, "") or {}
     model = body.get("model")
     return Completion(
-        text=text,
-        finish_reason=_finish_reason(choice.get("finish_reason")),
+        text=answered[0].text,
+        finish_reason=answered[0].finish_reason,
         usage=Usage(token_count(usage, "prompt_tokens"), token_count(usage, "completion_tokens")),
         model="" if model is None else str(model),
         latency_s=latency,
         rate_limits=rate_limits,
+        choices=tuple(c for _, c in read) if len(read) > 1 else (),
     )
 
 
@@ -180,6 +177,23 @@ def build_body(request: ChatRequest, prefill: str = "") -> bytes:
     if prompt is not None:
         return orjson.dumps({"model": model, "prompt": prompt, **params, **extra})
     return orjson.dumps({"model": model, "messages": request.messages, **params, **extra})
+
+
+def _choice(choice: Any, i: int) -> tuple[int, Choice]:
+    """``choices[i]``: its index (its position when it states none) and its answer; one
+    without text is marked rejected (of several, the others are still good)."""
+    where = f"choices[{i}]"
+    if not isinstance(choice, dict):
+        raise malformed(f"{where} is a {type(choice).__name__}, not an object: "
+                        f"{preview(choice)}")
+    message = field_of(choice, "message", dict, f"{where}.") or {}
+    text = _text_of(message.get("content"))
+    if text is None:
+        text = field_of(choice, "text", str, f"{where}.")
+    index = choice.get("index")
+    position = index if isinstance(index, int) and not isinstance(index, bool) else i
+    finish = _finish_reason(choice.get("finish_reason"))
+    return position, Choice(text or "", finish, rejected=text is None)
 
 
 class OpenAITransport:

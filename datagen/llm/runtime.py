@@ -92,6 +92,39 @@ def check_prefill(m: ModelConfig, step: str) -> None:
                 "continue_final_message, or prefill: native if it continues one itself.")
 
 
+def _no_choices(m: ModelConfig) -> str | None:
+    """Why ``m`` cannot answer one request with several choices (OpenAI's ``n``), or None
+    when it can (OpenAI; OpenAI-compatible servers and litellm providers that honour it)."""
+    name = transport_name(m)
+    if name == "anthropic" or m.effective_provider() == "anthropic":
+        return "Anthropic's API answers each request once (it has no n)"
+    if name not in ("openai", "litellm"):
+        what = "the embedded model" if m.is_embedded() else f"provider '{m.provider}'"
+        return f"{what} answers each request once, in this process"
+    return None
+
+
+def shares_samples(m: ModelConfig) -> bool:
+    """Whether the samples of one prompt share one request with ``n`` = samples
+    (model.samples_in_one_request; auto: only OpenAI's own API, where the prompt is then
+    billed once: llama.cpp's server and many others ignore or reject ``n``)."""
+    if m.samples_in_one_request == "auto":
+        return m.effective_provider() == "openai" and not m.base_url and \
+            _no_choices(m) is None
+    return bool(m.samples_in_one_request) and _no_choices(m) is None
+
+
+def check_samples_request(m: ModelConfig) -> None:
+    """Raise ConfigError, naming the model, for samples_in_one_request: true on a model
+    that cannot answer with several choices."""
+    why = _no_choices(m) if m.samples_in_one_request is True else None
+    if why is not None:
+        raise ConfigError(
+            f"model {m.model_string()}: samples_in_one_request is true, but {why}: its "
+            "samples cannot share one request. Set model.samples_in_one_request to auto "
+            "or false (each sample then asks on its own).")
+
+
 def make_transport(m: ModelConfig, concurrency: int) -> Transport:
     name = transport_name(m)
     plugin = providers.registered(m)
@@ -118,7 +151,9 @@ def make_transport(m: ModelConfig, concurrency: int) -> Transport:
 
 
 def check_provider(m: ModelConfig) -> None:
-    """Raise ConfigError for a provider or local model that cannot serve requests."""
+    """Raise ConfigError for a provider or local model that cannot serve requests (or
+    cannot take the settings it was given)."""
+    check_samples_request(m)
     plugin = providers.registered(m)
     if plugin is not None:
         if plugin.check is not None:
