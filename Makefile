@@ -37,8 +37,10 @@ local: dev $(LLAMA_BUILT)
 demo: local
 	$(BIN)/python examples/five_topics/pipeline.py
 
+# the ray extra only here: `make demo` needs no cluster (Ray is 240 MB)
 test: local
-	DATAGEN_REQUIRE_LOCAL=1 $(BIN)/python -m pytest
+	$(BIN)/pip install --quiet -e ".[ray]"
+	DATAGEN_REQUIRE_LOCAL=1 DATAGEN_REQUIRE_RAY=1 $(BIN)/python -m pytest
 
 lint: dev
 	$(BIN)/ruff check datagen tests examples benchmarks

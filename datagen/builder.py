@@ -72,7 +72,8 @@ class StepBuilder:
         filter: counted and listed, never a failure). ``model`` names a model of the
         config's ``models:`` section. ``one_to_many``: the output is a list, and each
         element continues through the later steps as its own item. ``samples=N``: N
-        outputs per input, each continuing as its own item. ``mode="completion"`` sends
+        outputs per input, each continuing as its own item (asked in one request with
+        ``n=N`` where ``model.samples_in_one_request`` is on). ``mode="completion"`` sends
         the rendered text to a text-completion endpoint (base models), with ``stop``.
         ``batch=True`` sends this step through the provider's batch API (default: the
         config's ``run.batch``).

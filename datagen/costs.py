@@ -68,3 +68,29 @@ def cost(prices: Prices | None, prompt_tokens: int, completion_tokens: int) -> f
     if prices is None:
         return None
     return prompt_tokens * prices[0] + completion_tokens * prices[1]
+
+
+BATCH_DISCOUNT = 0.5  # OpenAI's and Anthropic's documented batch price: half the online one
+
+
+def batch_prices_for(m: ModelConfig) -> tuple[Prices | None, str]:
+    """Dollars per token through the provider's batch API, and where the price came from:
+    the config (``batch_*_cost_per_million``), litellm's price map (its ``*_batches``
+    entries), or half the online price (the providers' documented discount)."""
+    if m.batch_input_cost_per_million is not None or \
+            m.batch_output_cost_per_million is not None:
+        return (((m.batch_input_cost_per_million or 0.0) / 1e6,
+                 (m.batch_output_cost_per_million or 0.0) / 1e6), "config")
+    name = m.model.removeprefix(f"{m.provider}/")
+    if m.input_cost_per_million is None and m.output_cost_per_million is None:
+        for key in (f"{m.provider}/{name}", name):
+            entry = price_entry(key)
+            if entry is not None and "input_cost_per_token_batches" in entry:
+                return ((float(entry["input_cost_per_token_batches"]),
+                         float(entry.get("output_cost_per_token_batches", 0.0))),
+                        "litellm price map (batch prices)")
+    online = prices_for(m)
+    if online is None:
+        return None, "unknown"
+    return ((online[0] * BATCH_DISCOUNT, online[1] * BATCH_DISCOUNT),
+            "half the online price (the providers' documented batch discount)")

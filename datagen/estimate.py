@@ -187,6 +187,7 @@ def dry_run(settings: Settings, plan: Plan, steps: list[Step], data_pool: Any,
             sample_size: int | None, seed: int, fanout: float) -> Estimate:
     """Render the pool's prompts (or a seeded sample, extrapolated) through the step
     runtimes a run would use, and count; nothing is sent (no connection opens)."""
+    plan.check_models()  # a run would stop here (a prefill the model cannot take)
     pool = open_pool(data_pool)
     # every item checked as a run checks it (one place: pool.checked_items)
     items = checked_items(pool, plan.make_item, plan.check_item)

@@ -9,11 +9,16 @@ enforce (``tag_name``, ``json_schema``).
 
 from __future__ import annotations
 
+import inspect
 import json as _json
 import re
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from datagen.errors import ExtractionError
+
+if TYPE_CHECKING:
+    from datagen.choice import ChoiceExtractor
 
 T = TypeVar("T")
 _FENCE = re.compile(r"(?P<fence>```|~~~)[ \t]*(?P<lang>[\w+#.-]*)[^\n]*\n(?P<body>.*?)(?P=fence)",
@@ -47,8 +52,61 @@ class Extractor(Generic[T]):
     def extract(self, text: str) -> T:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def then(self, fn: Callable[[T], Any]) -> ThenExtractor:
+        """This extractor, then ``fn`` on what it found: ``extract.tag("poem").then(parse)``.
+
+        The result keeps this extractor's output constraint (its grammar or JSON schema),
+        so a model held to the format still is. ``fn`` may be sync or async, may return
+        ``DROP``, and may raise :class:`~datagen.errors.ExtractionError` to say the answer
+        is wrong (the step retries with that reason)."""
+        return ThenExtractor(self, fn)
+
     def __repr__(self) -> str:
         return f"<{self.name}>"
+
+
+def _function_name(fn: Any) -> str:
+    return str(getattr(fn, "name", None) or getattr(fn, "__qualname__", None)
+               or type(fn).__name__)
+
+
+class ThenExtractor(Extractor[Any]):
+    """An extractor followed by a function of the user's: the pair has the extractor's
+    constraint and a name of both (``tag(poem).then(parse)``, part of the fingerprint).
+    Not trusted: it runs user code, so the engine calls it off the event loop, with a
+    timeout. With an async ``fn`` a call returns an awaitable (the engine awaits it)."""
+
+    datagen_builtin = False
+
+    def __init__(self, base: Extractor[Any], fn: Callable[[Any], Any]) -> None:
+        if not callable(fn):
+            raise TypeError(f"then() takes a function, not {type(fn).__name__}")
+        self.base, self.fn = base, fn
+        self.name = f"{base.name}.then({_function_name(fn)})"
+        self.tag_name, self.json_schema = base.tag_name, base.json_schema
+
+    def constraint(self, max_tokens: int | None = None) -> dict[str, Any] | None:
+        return self.base.constraint(max_tokens)
+
+    def constraint_after(self, prefill: str, max_tokens: int | None = None
+                         ) -> dict[str, Any] | None:
+        after = getattr(self.base, "constraint_after", None)
+        return after(prefill, max_tokens) if callable(after) else None
+
+    def extract(self, text: str) -> Any:
+        value = self.base(text)
+        if inspect.isawaitable(value):  # an async function earlier in the chain
+            return self._later(value)
+        return self._apply(value)
+
+    def _apply(self, value: Any) -> Any:
+        from datagen.steps import drop_reason
+
+        return value if drop_reason(value) is not None else self.fn(value)
+
+    async def _later(self, pending: Any) -> Any:
+        result = self._apply(await pending)
+        return await result if inspect.isawaitable(result) else result
 
 
 class TagExtractor(Extractor[str]):
@@ -77,6 +135,16 @@ class TagExtractor(Extractor[str]):
         # whitespace, leaves room for the closing tag in any English text
         max_chars = None if max_tokens is None else max(16, (max_tokens - 16) * 3)
         return {"grammar": self.gbnf(max_chars)}
+
+    def constraint_after(self, prefill: str, max_tokens: int | None = None
+                         ) -> dict[str, Any] | None:
+        """The constraint for the continuation of the assistant's opening words: the block
+        whole, or only its body and closing tag when the prefill opened it already."""
+        if not prefill.rstrip().endswith(f"<{self.tag_name}>"):
+            return self.constraint(max_tokens)
+        max_chars = None if max_tokens is None else max(16, (max_tokens - 16) * 3)
+        rest = "[^<]*" if max_chars is None else f"[^<]{{0,{max(1, max_chars - 1)}}}"
+        return {"grammar": f'root ::= [ \\t\\n]* [^< \\t\\n] {rest} "</{self.tag_name}>"\n'}
 
     def extract(self, text: str) -> str:
         # The first closing tag ends the first complete block; its opening tag is the last
@@ -209,37 +277,16 @@ class CodeBlockExtractor(Extractor[str]):
         raise ExtractionError(f"no {lang} code block in the response: {_preview(text)!r}")
 
 
-class ChoiceExtractor(Extractor[str]):
-    """Which of a few options the response gives (the first one it names, as a whole
-    word, case-insensitively), returned as written in ``options``. Its constraint is a
-    grammar that allows exactly one option: classification by a small model."""
+def choice(*options: str, marker: str | None = None, reasoning: bool = True
+           ) -> ChoiceExtractor:
+    """Which of ``options`` a judge's response gives (e.g. ``choice("PASS", "FAIL")``):
+    the first option after the last ``marker`` (default: common ones such as
+    ``VERDICT:``, ``Final Judgment:``, ``Answer:``), else the last option mentioned.
+    Its grammar lets the model reason first (``reasoning=False``: the option alone),
+    then write the marker if one is given, then exactly one option."""
+    from datagen.choice import ChoiceExtractor
 
-    def __init__(self, *options: str) -> None:
-        if len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
-            raise ValueError("choice() needs at least two non-empty options")
-        self.options = options
-        self.name = f"choice({'|'.join(options)})"
-        alternatives = "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
-        self._pattern = re.compile(rf"(?<!\w)({alternatives})(?!\w)", re.IGNORECASE)
-
-    def gbnf(self) -> str:
-        return "root ::= " + " | ".join(_json.dumps(o) for o in self.options) + "\n"
-
-    def constraint(self, max_tokens: int | None = None) -> dict[str, Any] | None:
-        return {"grammar": self.gbnf()}
-
-    def extract(self, text: str) -> str:
-        match = self._pattern.search(text)
-        if match is None:
-            raise ExtractionError(f"none of {', '.join(self.options)} in the response: "
-                                  f"{_preview(text)!r}")
-        found = match.group(1).lower()
-        return next(o for o in self.options if o.lower() == found)
-
-
-def choice(*options: str) -> ChoiceExtractor:
-    """Extract which of ``options`` the response names (e.g. choice("PASS", "FAIL"))."""
-    return ChoiceExtractor(*options)
+    return ChoiceExtractor(*options, marker=marker, reasoning=reasoning)
 
 
 def tag(name: str) -> TagExtractor:

@@ -8,8 +8,9 @@
 - a module-level ``pipeline`` object (overrides are applied to a copy of it).
 
 and optionally ``data_pool(pipeline, **params)`` (the items to run; else pass a JSONL
-pool), ``export(results_path)`` (called after a run, returns the exported file) and, for
-the single-step form, ``extract_function`` or ``parse_response``.
+pool), ``export(results_path)`` (called after a run, returns the exported file),
+``mapper(record)`` (the conversation ``datagen export`` makes of a record) and, for the
+single-step form, ``extract_function`` or ``parse_response``.
 The ``params:`` section of config.yaml reaches ``build`` and ``data_pool`` as keywords; a
 key neither takes gets a warning naming it, never a crash (so old configs keep working).
 """
@@ -54,6 +55,10 @@ class PipelineFolder:
     module: ModuleType | None
 
     @property
+    def has_data_pool(self) -> bool:
+        return callable(getattr(self.module, "data_pool", None))
+
+    @property
     def params(self) -> dict[str, Any]:
         return dict(self.pipeline.settings.params)
 
@@ -75,11 +80,54 @@ class PipelineFolder:
                 return fn  # type: ignore[no-any-return]
         return None
 
+    @property
+    def mapper(self) -> Callable[[dict[str, Any]], Any] | None:
+        """pipeline.py's ``mapper(record)``: the conversation an export makes of a record."""
+        fn = getattr(self.module, "mapper", None)
+        return fn if callable(fn) else None
+
     def export(self, results: Path) -> Path | None:
         fn = getattr(self.module, "export", None)
         if fn is None:
             return None
         return Path(call_user(self.path / "pipeline.py", "export()", fn, results))
+
+
+def load_mapper(spec: str) -> Callable[[dict[str, Any]], Any]:
+    """A mapper named on the command line: ``FILE.py:NAME``, a pipeline folder or its
+    ``pipeline.py`` (its ``mapper``), or ``module:NAME``."""
+    where, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    path = Path(where).expanduser()
+    if path.is_dir():
+        path = path / "pipeline.py"
+    if path.suffix == ".py" and path.is_file():
+        module = import_pipeline_module(path.resolve())
+    elif path.suffix == ".py" or not name:
+        raise ConfigError(f"--mapper {spec}: no such file; write FILE.py:NAME, a pipeline "
+                          "folder, or module:NAME")
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ConfigError(f"--mapper {spec}: cannot import {where}: {exc}") from None
+    fn = getattr(module, name or "mapper", None)
+    if not callable(fn):
+        raise ConfigError(f"--mapper {spec}: {path if path.suffix == '.py' else where} has "
+                          f"no function {name or 'mapper'}")
+    return fn  # type: ignore[no-any-return]
+
+
+def mapper_of_run(config_file: str | None) -> tuple[Callable[[dict[str, Any]], Any], Path
+                                                     ] | None:
+    """The ``mapper`` of the pipeline folder a run came from (its manifest's config file
+    sits in that folder), with the pipeline.py it came from; None when it has none."""
+    if not config_file:
+        return None
+    script = Path(config_file).parent / "pipeline.py"
+    if not script.is_file():
+        return None
+    fn = getattr(import_pipeline_module(script), "mapper", None)
+    return (fn, script) if callable(fn) else None
 
 
 def user_code_error(path: Path, what: str, exc: BaseException) -> ConfigError:

@@ -161,8 +161,13 @@ class DataGenerationPipeline(StepBuilder):
         from datagen.executors import get_executor
         from datagen.prepare import prepare
 
-        get_executor(executor)  # an unknown executor fails before anything is opened
+        run_it = get_executor(executor)  # an unknown executor fails before anything is opened
         plan = self._plan(self._pick_extractor(extract_function, parse_response))
+        if plan.batch_steps() and getattr(run_it, "__name__", "") != "run_local":
+            raise ConfigError(
+                f"batch mode (steps {', '.join(plan.batch_steps())}) runs in one process: "
+                "the provider does the work, there is nothing for a cluster to share. Run "
+                "it without executor='ray' (--executor local), or without batch")
         options = self._options(collect, on_record, progress_callback)
         return prepare(self.settings, plan, data_pool, concurrency=concurrency_limit,
                        resume=resume, options=options, step_names=self.step_names,
@@ -189,6 +194,21 @@ class DataGenerationPipeline(StepBuilder):
             user_code_timeout=run.user_code_timeout,
             fsync_interval=self.settings.output_data.fsync_interval,
             cache_salt=run.cache_salt)
+
+    def check(self, data_pool: Any, extract_function: ExtractFunction | None = None
+              ) -> int | None:
+        """Everything a run checks before its first request, with nothing sent or
+        written: the providers, the prompts against the models (a prefill where a model
+        cannot continue one), and every item of ``data_pool`` against every template.
+        Returns the number of items checked (None without a pool)."""
+        from datagen.pool import checked_items, open_pool
+
+        plan = self._plan(extract_function)
+        plan.check_models()
+        if data_pool is None:
+            return None
+        return sum(1 for _ in checked_items(open_pool(data_pool), plan.make_item,
+                                            plan.check_item))
 
     def estimate(self, data_pool: Any, sample_size: int | None = None, seed: int = 0,
                  extract_function: ExtractFunction | None = None, fanout: float = 1.0

@@ -73,14 +73,22 @@ class StepRuntime:
     batch: bool = False  # answered through the provider's batch API, in rounds
     seeded: bool = False  # the provider takes a seed: samples get distinct ones
     base_seed: int = 0
+    unsent_constraint: str | None = None  # the extractor could constrain, but is not sent
+    shared: bool = False  # the samples of one input share one request (n = samples)
 
     def request_for(self, state: ItemState, messages: Messages | None,
-                    prompt: str | None) -> ChatRequest:
+                    prompt: str | None, variant: int | None = None, n: int = 1
+                    ) -> ChatRequest:
+        """The request of ``state`` (of ``variant``, when given: the first sample of a
+        group whose ``n`` samples share one request)."""
         request = self.build_request(messages, prompt)
-        if state.variant and self.seeded:  # distinct samples where the provider seeds
+        variant = state.variant if variant is None else variant
+        seeded = bool(variant and self.seeded)  # distinct samples where the provider seeds
+        if seeded or n > 1:
             from dataclasses import replace
 
-            params = {**request.params, "seed": self.base_seed + state.variant}
+            params = {**request.params, **({"seed": self.base_seed + variant} if seeded
+                                           else {}), **({"n": n} if n > 1 else {})}
             request = replace(request, params=params)
         return request
 
@@ -96,7 +104,15 @@ class Plan(Protocol):
 
     def check_item(self, item: PoolItem) -> None: ...
 
+    def check_models(self) -> None:
+        """Each model's provider, and each prompt against its model (a prefill where the
+        model cannot continue one): ConfigError before anything is written."""
+
     def runtimes(self, callers: dict[str | None, Caller]) -> list[StepRuntime]: ...
+
+    def batch_steps(self) -> dict[str, str | None]:
+        """The steps sent through a batch API, each with its model's name."""
+        ...
 
     def record(self, state: ItemState) -> dict[str, Any]: ...
 

@@ -9,10 +9,12 @@ with the record shape that form promises. The steps plan is the builder's.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from datagen.config import Settings, sampling_of
+from datagen.config import ModelConfig, Settings, sampling_of
+from datagen.errors import TemplateError
 from datagen.llm import runtime
 from datagen.llm.caller import Caller
 from datagen.manifest import fingerprint
@@ -53,6 +55,12 @@ def seeding(settings: Settings, name: str | None) -> tuple[bool, int]:
     return takes_seed, m.seed or 0
 
 
+def shares_samples(m: ModelConfig, params: Mapping[str, Any], batch: bool) -> bool:
+    """Whether a step's samples share one request with ``n`` (model.samples_in_one_request;
+    not through a batch API, nor when the step's own parameters already set ``n``)."""
+    return not batch and "n" not in params and runtime.shares_samples(m)
+
+
 class SingleStepPlan:
     """The core template's single step."""
 
@@ -73,8 +81,14 @@ class SingleStepPlan:
     def make_item(self, index: int, raw: Any, fresh: bool = False) -> PoolItem:
         return to_item(index, raw, fresh)
 
+    def batch_steps(self) -> dict[str, str | None]:
+        return {self.STEP: None} if self.settings.run.batch else {}
+
     def check_item(self, item: PoolItem) -> None:
         self.prompt.check(item.user_kwargs, item.system_kwargs, f"item {item.index}")
+
+    def check_models(self) -> None:
+        runtime.check_provider(self.settings.model)
 
     def record(self, state: ItemState) -> dict[str, Any]:
         return legacy_record(state)
@@ -94,10 +108,14 @@ class SingleStepPlan:
             return prompt.messages(item.user_kwargs, item.system_kwargs, where), None, None
 
         seeded, base = seeding(self.settings, None)
+        batch = self.settings.run.batch
         return [StepRuntime(name=self.STEP, caller=callers[None], render=render,
                             build_request=runtime.request_builder(m, params),
                             extract=self.extractor, max_retries=0, seeded=seeded,
-                            base_seed=base, batch=self.settings.run.batch)]
+                            base_seed=base, batch=batch,
+                            unsent_constraint=runtime.unsent_constraint(
+                                m, self.extractor, sampling),
+                            shared=shares_samples(m, params, batch))]
 
 
 class StepsPlan:
@@ -134,6 +152,13 @@ class StepsPlan:
     def failure(self, state: ItemState, step: str, error: dict[str, Any]) -> dict[str, Any]:
         return steps_failure(state, step, error)
 
+    def check_models(self) -> None:
+        for name in self.model_names:
+            runtime.check_provider(self.settings.named_model(name))
+        for step in self.steps:
+            if any(prompt.has_prefill for prompt in step.prompts):
+                runtime.check_prefill(self.settings.named_model(step.model), step.name)
+
     def check_item(self, item: PoolItem) -> None:
         """Every step's template variables must be the item's fields or earlier steps'
         names (checked statically: later steps' values do not exist yet). A step with an
@@ -147,14 +172,7 @@ class StepsPlan:
             if step.input_processor is None:
                 missing = sorted(step.variables - available)
                 if missing and not self._renders(step, item, done):
-                    from datagen.errors import TemplateError
-
-                    files = ", ".join(str(f) for p in step.prompts for f in p.files)
-                    keys = ", ".join(sorted(map(str, item.user_kwargs))) or "none"
-                    raise TemplateError(
-                        f"step '{step.name}': {files}: variable(s) {', '.join(missing)} "
-                        f"undefined for item {item.index}: neither a field of the item (its "
-                        f"keys: {keys}) nor the name of an earlier step")
+                    raise TemplateError(_undefined_message(step, item, missing, done))
             available.add(step.name)
             done.append(step.name)
 
@@ -162,8 +180,6 @@ class StepsPlan:
     def _renders(step: Step, item: PoolItem, earlier: list[str]) -> bool:
         """Whether the templates render anyway (their missing names guarded with
         ``is defined`` or ``default``), with stand-ins for earlier steps' outputs."""
-        from datagen.errors import TemplateError
-
         context = {**item.user_kwargs, **dict.fromkeys(earlier, ""), "error_message": None}
         try:
             for prompt in step.prompts:
@@ -172,23 +188,74 @@ class StepsPlan:
             return False
         return True
 
+    def batch_steps(self) -> dict[str, str | None]:
+        run_wide = self.settings.run.batch
+        return {step.name: step.model for step in self.steps
+                if (run_wide if step.batch is None else step.batch)}
+
     def runtimes(self, callers: dict[str | None, Caller]) -> list[StepRuntime]:
         out = []
         for step in self.steps:
             m = self.settings.named_model(step.model)
             sampling = {**sampling_of(m), **step.sampling,
                         **runtime.response_format_params(step.response_format)}
-            params = {**sampling, **runtime.constraint_params(m, step.extract, sampling)}
+            prefill, constraint = None, True
+            if any(prompt.has_prefill for prompt in step.prompts):
+                prefill = fixed_prefill(step)
+                constraint = prefill is not None  # opening words that vary: none sent
+            params = {**sampling, **(runtime.constraint_params(m, step.extract, sampling,
+                                                               prefill) if constraint else {})}
             seeded, base = seeding(self.settings, step.model)
+            batch = self.settings.run.batch if step.batch is None else step.batch
             out.append(StepRuntime(
                 name=step.name, caller=callers[step.model], render=_renderer(step),
                 build_request=runtime.request_builder(m, params), extract=step.extract,
                 validate=step.validate, keep=step.keep, input_processor=step.input_processor,
                 max_retries=step.max_retries, one_to_many=step.one_to_many,
-                samples=step.samples, seeded=seeded,
-                batch=self.settings.run.batch if step.batch is None else step.batch,
-                base_seed=int(step.sampling.get("seed", base) or 0)))
+                samples=step.samples, seeded=seeded, batch=batch,
+                base_seed=int(step.sampling.get("seed", base) or 0),
+                unsent_constraint=runtime.unsent_constraint(m, step.extract, sampling),
+                # several prompts: its samples pick theirs by key, and ask apart
+                shared=len(step.prompts) == 1 and shares_samples(m, params, batch)))
         return out
+
+
+def _undefined_message(step: Step, item: PoolItem, missing: list[str], earlier: list[str]
+                       ) -> str:
+    """Which names, where (the file, and the message of a chat file), what the item has,
+    and the fix for the template's syntax."""
+    places = list(dict.fromkeys(str(template.path) for prompt in step.prompts
+                                for _, template in prompt.messages
+                                if template.variables & set(missing)))
+    keys = ", ".join(sorted(map(str, item.user_kwargs))) or "none"
+    close = [f"'{name}' (did you mean '{match[0]}'?)" if match else f"'{name}'"
+             for name in missing
+             for match in [difflib.get_close_matches(name, [*map(str, item.user_kwargs),
+                                                           *earlier], n=1)]]
+    text = (f"step '{step.name}': {', '.join(places)}: variable(s) {', '.join(missing)} "
+            f"undefined for item {item.index}: neither a field of the item (its keys: "
+            f"{keys}) nor the name of an earlier step ({', '.join(earlier) or 'none'}): "
+            f"{', '.join(close)}.")
+    if any(template.syntax == "format" for prompt in step.prompts
+           for _, template in prompt.messages):
+        shown = ", ".join("{" + name + "}" for name in missing)
+        text += (f" If {shown} is text to send as written, list it in "
+                 "prompts.literal_placeholders (or write it with doubled braces).")
+    else:
+        text += " Add it to the item, or guard it: {% if name is defined %}."
+    return text
+
+
+def fixed_prefill(step: Step) -> str | None:
+    """The assistant's opening words of a step's prompts when they are the same fixed text
+    in every variant (None when they vary or use variables)."""
+    texts = set()
+    for prompt in step.prompts:
+        role, template = prompt.messages[-1]
+        if role != "assistant" or template.variables:
+            return None
+        texts.add(template.render({}, "the prefill"))
+    return texts.pop() if len(texts) == 1 else None
 
 
 def _renderer(step: Step) -> Callable[..., tuple[Any, Any, Any]]:

@@ -14,7 +14,6 @@ import os
 import random
 from collections.abc import (
     AsyncIterable,
-    AsyncIterator,
     Callable,
     Iterable,
     Iterator,
@@ -22,7 +21,7 @@ from collections.abc import (
     Sequence,
     Sized,
 )  # fmt: skip
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from typing import Any
 import orjson
 
 from datagen.errors import DataPoolError, a_type
-from datagen.seen import SeenSet
 
 ITEM_SHAPE = '{"user_prompt_kwargs": {...}, "system_prompt_kwargs": {...}}'
 _RESERVED = ("user_prompt_kwargs", "system_prompt_kwargs")
@@ -58,9 +56,13 @@ class PoolItem:
         """Resume and cache identity: the content hash, plus ``-n`` for the n-th repeat of
         an identical item (so ``[item] * 10`` is ten items, not one), plus ``#i`` for
         sample i when a run makes several samples per item."""
-        key = self.content_key if self.occurrence == 0 else \
-            f"{self.content_key}-{self.occurrence}"
-        return key if self.sample is None else f"{key}#{self.sample}"
+        return item_key(self.content_key, self.occurrence, self.sample)
+
+
+def item_key(content_key: str, occurrence: int, sample: int | None) -> str:
+    """See :attr:`PoolItem.key`."""
+    key = content_key if occurrence == 0 else f"{content_key}-{occurrence}"
+    return key if sample is None else f"{key}#{sample}"
 
 
 MAX_DEPTH = 64
@@ -164,17 +166,23 @@ def plain_item(index: int, raw: Any, fresh: bool = False) -> PoolItem:
     return PoolItem(index, raw if fresh else freeze(raw, index), {}, {})
 
 
-def _read_jsonl(path: Path) -> Iterator[Any]:
+def _read_jsonl(path: Path, keep: bytearray | None = None) -> Iterator[tuple[int, Any]]:
+    """(position, item) of each non-blank line; with ``keep``, only the positions it
+    marks, the others not even parsed."""
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the generator's finally
     except OSError as exc:
         raise DataPoolError(f"cannot read the data pool file {path}: {exc.strerror}") from None
+    position = -1
     with fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            position += 1
+            if keep is not None and (position >= len(keep) or not keep[position]):
+                continue
             try:
-                yield orjson.loads(line)
+                yield position, orjson.loads(line)
             except orjson.JSONDecodeError as exc:
                 raise DataPoolError(
                     f"{path}, line {lineno}: not valid JSON ({exc}). Each line of a data pool "
@@ -193,9 +201,19 @@ class Pool:
     indexed: bool = False  # ``(index, item)`` pairs decoded from a file: a shard's items
 
     def raw_items(self) -> Iterator[Any]:
+        return (raw for _, raw in self.numbered())
+
+    def numbered(self, keep: bytearray | None = None) -> Iterator[tuple[int, Any]]:
+        """(position, item) pairs; with ``keep`` (a list or a file), only the positions
+        it marks, the others not read."""
+        if self.indexed:  # a cluster shard's items come numbered
+            return iter(self.source)
         if isinstance(self.source, Path):
-            return _read_jsonl(self.source)
-        return iter(self.source)
+            return _read_jsonl(self.source, keep)
+        if keep is None:
+            return enumerate(self.source)
+        source = self.source
+        return ((i, source[i]) for i, flag in enumerate(keep) if flag)
 
     def is_async(self) -> bool:
         return isinstance(self.source, AsyncIterable) and not isinstance(self.source, Iterable)
@@ -251,108 +269,13 @@ def seeded_sample(items: Iterable[Any], size: int | None, seed: int) -> tuple[li
 Check = Callable[[PoolItem], None]
 
 
-def checked_items(pool: Pool, make_item: Callable[[int, Any], PoolItem],
+def checked_items(pool: Pool, make_item: Callable[..., PoolItem],
                   check: Check) -> Iterator[PoolItem]:
     """Every item of a pool, shaped and checked: the one place items are checked, for
     the pre-check of a list or file before anything is sent, for the dry run, and (item
     by item) for a generator as it is pulled."""
+    fresh = isinstance(pool.source, Path)  # decoded from the file here: no copy needed
     for index, raw in enumerate(pool.raw_items()):
-        item = make_item(index, raw)
+        item = make_item(index, raw, fresh)
         check(item)
         yield item
-
-
-class ItemSource:
-    """Hands out checked, keyed items to the workers, one at a time, in pool order.
-
-    Workers share one source; for an async iterable a lock keeps two workers from
-    advancing it at once (an async generator cannot be re-entered). ``samples`` > 1 hands
-    out each item that many times, keyed ``<key>#i``. ``check`` runs on every item unless
-    the pool was pre-checked whole.
-    """
-
-    def __init__(self, pool: Pool, make_item: Callable[..., PoolItem] | None = None,
-                 check: Check | None = None, samples: int = 1) -> None:
-        self._make_item = make_item or to_item
-        # decoded from a file: no copy needed
-        self._fresh = isinstance(pool.source, Path) or pool.indexed
-        self._indexed = pool.indexed  # indices come with the items (a cluster shard's)
-        self._check = check
-        self._samples = samples
-        self.pool = pool  # a cluster run spills it to its shards
-        self._pending: list[PoolItem] = []
-        self._sync: Iterator[Any] | None = None
-        self._async: AsyncIterator[Any] | None = None
-        if pool.is_async():
-            self._async = pool.source.__aiter__()
-        else:
-            self._sync = pool.raw_items()
-        self._index = 0
-        self._lock: Any = None
-        self.exhausted = False
-        self._seen = SeenSet()  # content fingerprints of the items handed out so far
-        self._repeats: dict[str, int] = {}  # content key -> occurrences, repeats only
-
-    async def next(self) -> PoolItem | None:
-        """The next item (shape checked, key assigned), or None when the pool is done."""
-        if self._pending:
-            return self._pending.pop()
-        pair = await self._next_raw()
-        if pair is None:
-            return None
-        item = self._make_item(*pair, self._fresh)
-        if self._check is not None:
-            self._check(item)
-        if self._seen.add(int(item.content_key[:16], 16)):
-            count = self._repeats.get(item.content_key, 1)
-            self._repeats[item.content_key] = count + 1
-            item = replace(item, occurrence=count, variant=count * self._samples)
-        if self._samples == 1:
-            return item
-        copies = [replace(item, sample=i, variant=item.variant + i)
-                  for i in range(self._samples)]
-        self._pending = copies[:0:-1]  # handed out in order: #0 now, then #1, #2...
-        return copies[0]
-
-    async def _next_raw(self) -> tuple[int, Any] | None:
-        if self.exhausted:
-            return None
-        if self._sync is not None:
-            try:
-                raw = next(self._sync)
-            except StopIteration:
-                self.exhausted = True
-                return None
-            except DataPoolError:
-                raise
-            except Exception as exc:  # the user's iterator failed: a pipeline-level fault
-                raise self._failed(exc) from exc
-        else:
-            import asyncio
-
-            if self._lock is None:
-                self._lock = asyncio.Lock()
-            async with self._lock:
-                if self.exhausted:
-                    return None
-                assert self._async is not None
-                try:
-                    raw = await self._async.__anext__()
-                except StopAsyncIteration:
-                    self.exhausted = True
-                    return None
-                except Exception as exc:  # the user's iterator failed
-                    raise self._failed(exc) from exc
-        if self._indexed:
-            index, raw = raw
-        else:
-            index = self._index
-        self._index += 1
-        return index, raw
-
-    def _failed(self, exc: Exception) -> DataPoolError:
-        self.exhausted = True
-        return DataPoolError(
-            f"the data pool raised {type(exc).__name__} while producing item {self._index}: "
-            f"{exc}"
-        )

@@ -1,8 +1,9 @@
 """``datagen report``: one self-contained HTML file to read a run before training on it.
 
 Counts, success and failure rates, token and cost totals, latency and length
-histograms, a searchable, paged table of the records (inputs, rendered prompt, raw
-response, parsed output, per step), and failures grouped by reason. Inline CSS and JS,
+histograms, a searchable, paged table of every item (inputs, rendered prompt, raw
+response, parsed output, per step; the failed and dropped ones too, with why, filterable
+by status), and failures grouped by reason. Inline CSS and JS,
 no network: the file can be mailed or opened offline. The records are embedded as JSON
 (long fields shortened) and the page renders one page of rows at a time, so 100,000
 records stay fast; the search runs over all of them.
@@ -38,8 +39,8 @@ def _prompt(messages: Any, prompt: Any) -> str:
     return ""
 
 
-def _row(record: dict[str, Any]) -> dict[str, Any]:
-    """One table row: short strings only."""
+def _row(record: dict[str, Any], status: str = "ok", why: str = "") -> dict[str, Any]:
+    """One table row: short strings only. ``status``: ok, failed or dropped (and why)."""
     if "steps" in record:
         inputs = record.get("item", {})
         steps = [{"name": name, "prompt": _short(_prompt(t.get("messages"), t.get("prompt"))),
@@ -50,9 +51,28 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
                   "system": record.get("system_prompt_kwargs")}
         steps = [{"name": "output", "prompt": _short(_prompt(record.get("messages"), None)),
                   "raw": _short(record.get("raw_response", "")),
-                  "output": _short(record.get("output"))}]
+                  "output": _short(record.get("output", ""))}]
     return {"i": record.get("index"), "k": record.get("key", ""), "in": _short(inputs, 600),
-            "s": steps}
+            "s": steps, "st": status, "why": _short(why, 400)}
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    """The readable lines of a failures or dropped file (none when it does not exist)."""
+    out = []
+    if path.exists():
+        for line in path.read_bytes().splitlines():
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                out.append(value)
+    return out
+
+
+def _order(row: dict[str, Any]) -> tuple[int, str]:
+    index = row["i"]
+    return (index if isinstance(index, int) else 1 << 62, str(row["k"]))
 
 
 def _histogram(values: list[float], bins: int = 20) -> dict[str, Any]:
@@ -85,28 +105,46 @@ def report_data(source: str | Path) -> dict[str, Any]:
         latencies.append(sum(float(t.get("latency_s") or 0) for t in traces))
         output = record.get("output")
         lengths.append(len(output if isinstance(output, str) else orjson.dumps(output)))
-    failures_path = results.with_name(results.stem + "_failures.jsonl")
+    succeeded = len(rows)
     reasons: Counter[str] = Counter()
-    failed = 0
-    if failures_path.exists():
-        for line in failures_path.read_bytes().splitlines():
-            try:
-                failure = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            failed += 1
-            reasons[_reason(failure.get("error", {}))] += 1
+    failures = _lines(results.with_name(results.stem + "_failures.jsonl"))
+    for failure in failures:
+        found = failure.get("error")
+        error: dict[str, Any] = found if isinstance(found, dict) else {}
+        reasons[_reason(error)] += 1
+        why = f"{error.get('step', failure.get('step', ''))} {error.get('kind', '')}: " \
+              f"{error.get('message', '')}".strip()
+        rows.append(_row(failure, "failed", why))
+    dropped = _lines(results.with_name(results.stem + "_dropped.jsonl"))
+    rows += [_row(d, "dropped", f"{d.get('step', '')}: {d.get('reason', '')}") for d in dropped]
+    rows.sort(key=_order)
     manifest_path = results.with_name(results.stem + "_manifest.json")
     manifest = orjson.loads(manifest_path.read_bytes()) if manifest_path.exists() else {}
-    total = len(rows) + failed
+    total = succeeded + len(failures)
     return {
-        "title": results.name, "records": len(rows), "failed": failed,
-        "success_rate": len(rows) / total if total else None,
+        "title": results.name, "records": succeeded, "failed": len(failures),
+        "dropped": len(dropped),
+        "success_rate": succeeded / total if total else None,
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
         "cost_usd": manifest.get("cost_usd"), "model": manifest.get("model", ""),
         "latency": _histogram(latencies), "length": _histogram([float(n) for n in lengths]),
         "reasons": reasons.most_common(), "rows": rows, "page_size": PAGE_SIZE,
+        "batches": _batches(manifest),
     }
+
+
+BATCH_COLUMNS = ("seq", "id", "step", "status", "requests", "completed", "failed", "expired",
+                 "cancelled", "missing", "waiting", "sent_again", "failed_for_good")
+
+
+def _batches(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Batch mode: each batch's counts, the cost beside online, the explanation."""
+    section = manifest.get("batches")
+    if not isinstance(section, dict) or not section.get("batches"):
+        return None
+    return {"columns": BATCH_COLUMNS,
+            "rows": [[row.get(c) for c in BATCH_COLUMNS] for row in section["batches"]],
+            "cost": section.get("cost") or {}, "explanation": section.get("explanation", [])}
 
 
 def write_report(source: str | Path, out: str | Path | None = None) -> Path:
@@ -134,21 +172,24 @@ table{border-collapse:collapse;width:100%;background:#fff}td,th{border:1px solid
 padding:6px;vertical-align:top;text-align:left}pre{white-space:pre-wrap;margin:0;
 max-height:220px;overflow:auto;font:12px/1.4 ui-monospace,monospace}
 .bar{fill:#4a78c2}#search{padding:6px;width:320px}.pager button{margin:0 4px}
-.muted{color:#777}
+.muted{color:#777}tr.failed td.why{color:#a11}tr.dropped td.why{color:#a60}
 </style></head><body>
 <h1>datagen report: __TITLE__</h1>
 <div class="cards" id="cards"></div>
 <div class="hists"><div><h2>Latency per record (s)</h2><svg id="h-latency" width="420"
 height="140"></svg></div><div><h2>Output length (characters)</h2><svg id="h-length"
 width="420" height="140"></svg></div></div>
+<div id="batches"></div>
 <h2>Failures by reason</h2><table id="reasons"><tbody></tbody></table>
 <h2>Records</h2>
 <p><input id="search" type="search" placeholder="search inputs, prompts, responses, keys">
+<select id="status"><option value="">all items</option><option value="ok">ok</option>
+<option value="failed">failed</option><option value="dropped">dropped</option></select>
 <span id="match-count" class="muted"></span></p>
 <p class="pager"><button id="prev">previous</button><span id="page"></span>
 <button id="next">next</button></p>
-<table id="rows"><thead><tr><th>#</th><th>inputs</th><th>step</th><th>prompt</th>
-<th>raw response</th><th>output</th></tr></thead><tbody></tbody></table>
+<table id="rows"><thead><tr><th>#</th><th>status</th><th>inputs</th><th>step</th>
+<th>prompt</th><th>raw response</th><th>output</th></tr></thead><tbody></tbody></table>
 <script type="application/json" id="data">__DATA__</script>
 <script>
 "use strict";
@@ -159,6 +200,7 @@ function card(label, value, id) { return `<div class="card"><span class="muted">
   </span><b id="${id}">${value}</b></div>`; }
 document.getElementById("cards").innerHTML =
   card("records", D.records, "total-records") + card("failed", D.failed, "total-failed") +
+  card("dropped", D.dropped, "total-dropped") +
   card("success rate", D.success_rate === null ? "-" : (100 * D.success_rate).toFixed(2) +
        "%", "success-rate") +
   card("prompt tokens", D.prompt_tokens, "prompt-tokens") +
@@ -176,21 +218,29 @@ function hist(id, h) {
   svg.innerHTML = out;
 }
 hist("h-latency", D.latency); hist("h-length", D.length);
+if (D.batches) { const B = D.batches, c = B.cost || {};
+  document.getElementById("batches").innerHTML = "<h2>Batches</h2><table id='batch-table'>" +
+    "<thead><tr>" + B.columns.map(h => `<th>${esc(h)}</th>`).join("") + "</tr></thead>" +
+    "<tbody>" + B.rows.map(r => "<tr>" + r.map(v => `<td>${esc(v === null ? "-" : v)}</td>`)
+    .join("") + "</tr>").join("") + "</tbody></table>" + (c.batch_usd != null ?
+    `<p>cost $${c.batch_usd.toFixed(4)} through batches; online $${(c.online_usd || 0)
+    .toFixed(4)}</p>` : "") + B.explanation.map(x => `<p class="muted">${esc(x)}</p>`)
+    .join(""); }
 document.querySelector("#reasons tbody").innerHTML = D.reasons.length ?
   D.reasons.map(([r, c]) => `<tr><td>${c}</td><td>${esc(r)}</td></tr>`).join("") :
   "<tr><td class='muted'>no failures</td></tr>";
 let hay = null, matches = D.rows.map((_, i) => i), page = 0;
 function haystack() {
-  if (hay === null) hay = D.rows.map(r => (r.k + " " + r.in + " " + r.s.map(s => s.prompt +
-    " " + s.raw + " " + s.output).join(" ")).toLowerCase());
+  if (hay === null) hay = D.rows.map(r => (r.k + " " + r.in + " " + r.why + " " +
+    r.s.map(s => s.prompt + " " + s.raw + " " + s.output).join(" ")).toLowerCase());
   return hay;
 }
-function search(q) {
+function search(q, status) {
   q = q.trim().toLowerCase();
   matches = [];
-  if (!q) { matches = D.rows.map((_, i) => i); }
-  else { const h = haystack(); for (let i = 0; i < h.length; i++) if (h[i].includes(q))
-    matches.push(i); }
+  const h = q ? haystack() : null;
+  for (let i = 0; i < D.rows.length; i++)
+    if ((!status || D.rows[i].st === status) && (!q || h[i].includes(q))) matches.push(i);
   page = 0; render();
 }
 function render() {
@@ -200,21 +250,25 @@ function render() {
   document.getElementById("page").textContent = `page ${page + 1} of ${pages}`;
   const rows = matches.slice(page * D.page_size, (page + 1) * D.page_size).map(i => {
     const r = D.rows[i];
-    return r.s.map((s, j) => `<tr class="record" data-key="${esc(r.k)}">` + (j === 0 ?
+    return r.s.map((s, j) => `<tr class="record ${r.st}" data-key="${esc(r.k)}"
+      data-status="${r.st}">` + (j === 0 ?
       `<td rowspan="${r.s.length}">${r.i}<br><span class="muted">${esc(r.k)}</span></td>
+       <td rowspan="${r.s.length}" class="why"><b>${r.st}</b><br>${esc(r.why)}</td>
        <td rowspan="${r.s.length}"><pre>${esc(r.in)}</pre></td>` : "") +
       `<td>${esc(s.name)}</td><td><pre>${esc(s.prompt)}</pre></td><td><pre>${esc(s.raw)}
       </pre></td><td><pre>${esc(s.output)}</pre></td></tr>`).join("");
   });
   document.querySelector("#rows tbody").innerHTML = rows.join("");
 }
-const box = document.getElementById("search");
+const box = document.getElementById("search"), pick = document.getElementById("status");
 let timer = null;
 box.addEventListener("input", () => { clearTimeout(timer);
-  timer = setTimeout(() => search(box.value), 150); });
+  timer = setTimeout(() => search(box.value, pick.value), 150); });
+pick.addEventListener("change", () => search(box.value, pick.value));
 document.getElementById("prev").onclick = () => { page = Math.max(0, page - 1); render(); };
 document.getElementById("next").onclick = () => { page++; render(); };
-const q = new URLSearchParams(location.hash.slice(1)).get("q");
-if (q) { box.value = q; search(q); } else { render(); }
+const hash = new URLSearchParams(location.hash.slice(1));
+box.value = hash.get("q") || ""; pick.value = hash.get("status") || "";
+if (box.value || pick.value) { search(box.value, pick.value); } else { render(); }
 </script></body></html>
 """

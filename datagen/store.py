@@ -80,6 +80,12 @@ class RunFiles:
     def debug_dir(self) -> Path:
         return self.results.with_name(self.stem + "_debug")
 
+    # batch mode: the ledger, the request files and results while needed, and a one-pass
+    # pool (a generator) written out so that the rounds can read it again
+    batches = property(lambda self: self.results.with_name(self.stem + "_batches.sqlite"))
+    batch_dir = property(lambda self: self.results.with_name(self.stem + "_batches"))
+    pool_copy = property(lambda self: self.results.with_name(self.stem + "_pool.jsonl"))
+
     def as_dict(self) -> dict[str, str]:
         return {name: str(getattr(self, name))
                 for name in ("results", "failures", "dropped", "manifest", "log")}
@@ -215,7 +221,7 @@ def repair_torn_tail(path: Path) -> int:
 _KEY_FIELD = b'"key":"'
 
 
-def _key_of(line: bytes) -> str | None:
+def key_of(line: bytes) -> str | None:
     """The ``key`` of one record line. datagen writes ``index`` and ``key`` first, so the
     key is found without parsing the line (a million lines in about a second); anything
     else is parsed."""
@@ -233,37 +239,22 @@ def _key_of(line: bytes) -> str | None:
     return key if isinstance(key, str) else None
 
 
-@dataclasses.dataclass
-class ResultsIndex:
-    """What a run's files already hold: the keys done (results and dropped items), as
-    8-byte fingerprints, and the lines that do not parse."""
-
-    keys: KeyIndex
-    lines: int
-    unparseable: int
-
-
-def read_index(*paths: Path, into: KeyIndex | None = None) -> ResultsIndex:
-    """The keys of the records in ``paths`` (added to ``into`` if given)."""
-    keys = KeyIndex() if into is None else into
-    lines = bad = 0
-    for path in paths:
-        if not path.exists():
-            continue
-        with open(path, "rb") as fh:
-            for line in fh:
-                if len(line) < 3:
-                    continue
-                lines += 1
-                key = _key_of(line)
-                if key is None:
-                    bad += 1
-                else:
-                    keys.add(key)
-        if bad:
-            log.warning("%s: %d line(s) are not valid JSON records and were ignored", path,
-                        bad)
-    return ResultsIndex(keys, lines, bad)
+def read_keys(path: Path, offset: int, into: KeyIndex) -> int:
+    """The keys of the whole lines of ``path`` from byte ``offset`` on, added to
+    ``into``; returns the offset after the last whole line (batch mode reads what each
+    round wrote)."""
+    if not path.exists():
+        return offset
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            offset += len(line)
+            key = key_of(line) if len(line) >= 3 else None
+            if key is not None:
+                into.add(key)
+    return offset
 
 
 class WriteError(OutputError):
@@ -290,29 +281,39 @@ class JsonlSink:
     close, so a power cut loses at most that much, a killed process nothing. Every line
     passes the redactor (no registered secret reaches the disk). A failed write raises
     :class:`WriteError` naming the file. With a ``fence``, each append happens inside it.
+
+    ``indexed``: told each written line's key and the file's size after it (the run's
+    done index, see :mod:`datagen.runindex`); every line of such a file needs its key.
     """
 
-    def __init__(self, path: Path, fsync_interval: float = 1.0, fence: Fence | None = None
-                 ) -> None:
+    def __init__(self, path: Path, fsync_interval: float = 1.0,
+                 indexed: Callable[[str, int], None] | None = None,
+                 fence: Fence | None = None) -> None:
         self.path = path
         self.fsync_interval = fsync_interval
+        self.indexed = indexed
         self.fence = fence
         self._fh: IO[bytes] | None = None
         self._last_sync = time.monotonic()
+        self._size = 0
         self.lines = 0
 
-    def write_line(self, line: bytes) -> bytes:
-        """Append ``line``; returns the bytes written (redacted)."""
+    def write_line(self, line: bytes, key: str | None = None) -> bytes:
+        """Append ``line`` (the record of ``key``); returns the bytes written
+        (redacted)."""
+        if self.indexed is not None and key is None:
+            raise ValueError(f"{self.path}: every line of an indexed file needs its key")
         line = redact.redact_bytes(line)
         if self.fence is None:
-            return self._append(line)
+            return self._append(line, key)
         with self.fence():
-            return self._append(line)
+            return self._append(line, key)
 
-    def _append(self, line: bytes) -> bytes:
+    def _append(self, line: bytes, key: str | None) -> bytes:
         try:
             if self._fh is None:
                 self._fh = open(self.path, "ab")  # noqa: SIM115 - held open for the run
+                self._size = os.fstat(self._fh.fileno()).st_size
             self._fh.write(line)
             self._fh.flush()
             now = time.monotonic()
@@ -323,6 +324,9 @@ class JsonlSink:
             self._abandon()
             raise write_error(self.path, exc) from None
         self.lines += 1
+        self._size += len(line)
+        if self.indexed is not None:
+            self.indexed(key, self._size)  # type: ignore[arg-type]
         return line
 
     def _abandon(self) -> None:

@@ -175,6 +175,20 @@ def _second_writer(c: Case) -> str:
     return message
 
 
+def _batch_open(c: Case) -> str:
+    from datagen.testing import FakeBatchServer
+
+    with FakeBatchServer(completion_delay=1000) as batches:
+        left = DataGenerationPipeline(config=c.cfg, base_url=batches.base_url, batch=True,
+                                      batch_poll_interval=0.02, batch_max_wait_hours=0.0001)
+        with pytest.raises(DatagenError, match="still open after"):
+            left.run_sync(make_pool(2))  # gives up waiting: the batch stays open
+        message = error_of(lambda: DataGenerationPipeline(
+            config=c.cfg, base_url=batches.base_url).run_sync(make_pool(2), resume=True))
+        assert batches.request_count == 0 and batches.stats()["batches_created"] == 1
+    return message
+
+
 def _malformed(c: Case) -> str:
     from datagen.testing import FakeReply
 
@@ -240,10 +254,10 @@ def _disk_full(c: Case) -> str:
 
     real = JsonlSink.write_line
 
-    def full(self: JsonlSink, line: bytes) -> bytes:
+    def full(self: JsonlSink, line: bytes, key: str | None = None) -> bytes:
         if self.path.name.startswith("demo_") and self.path.name.count("_") == 2:
             self._fh = Full()  # type: ignore[assignment]
-        return real(self, line)
+        return real(self, line, key)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(JsonlSink, "write_line", full)
@@ -349,6 +363,83 @@ def _shards_zero(c: Case) -> str:
     return error_of(lambda: RayExecutor(shards=0))
 
 
+def _two_step_run(c: Case) -> Path:
+    p = (DataGenerationPipeline(config=c.cfg, base_url=c.server.base_url)
+         .step("first", prompt="user.txt").step("second", prompt="user.txt"))
+    result = p.run_sync([{"topic": "a", "word_count": "1"}, {"topic": "b", "word_count": "2"}])
+    assert result.files is not None and len(result) == 2
+    return result.files.results
+
+
+def _export(c: Case, *args: str, code: int = 2, before: bytes | None = None) -> str:
+    """`datagen export` of a two-step run; the file it would write must not change."""
+    import subprocess
+    import sys
+
+    results = _two_step_run(c)
+    out = c.tmp / "train.jsonl"
+    if before is not None:
+        out.write_bytes(before)
+    done = subprocess.run([sys.executable, "-m", "datagen.cli", "export", str(results),
+                           "--out", str(out), *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == code, done.stderr
+    assert (out.read_bytes() == before) if before is not None else not out.exists()
+    return done.stderr
+
+
+def _empty_export(c: Case) -> str:
+    import subprocess
+    import sys
+
+    results = c.tmp / "output" / "demo_20261122_101500.jsonl"
+    results.parent.mkdir()
+    results.write_bytes(b"")
+    results.with_name(results.stem + "_failures.jsonl").write_bytes(b"{}\n{}\n")
+    done = subprocess.run([sys.executable, "-m", "datagen.cli", "export", str(results)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert len(list(results.parent.iterdir())) == 2  # nothing written
+    return done.stderr
+
+
+def _rejected_format(c: Case) -> str:
+    from datagen.testing import FakeReply
+
+    def llama_server(body: dict[str, Any]) -> Any:
+        return FakeReply(status=500, body={"error": {
+            "message": "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', "
+                       "'response_format', 'type'), 'msg': \"Input should be 'text' or "
+                       "'json_object'\", 'input': 'json_schema'}",
+            "type": "internal_server_error"}})
+
+    c.server.responder = llama_server
+    fmt = {"type": "json_schema", "json_schema": {"name": "q", "schema": {"type": "object"}}}
+    message = failure_of(c.pipe(response_format=fmt, max_retries=3), make_pool(1))
+    assert c.server.request_count == 1
+    return message
+
+
+def _unconstrained(c: Case) -> str:
+    from datagen import extract
+
+    c.server.responder = lambda body: "Bees are busy."  # ignores "use <draft> tags"
+    result = c.pipe().run_sync(make_pool(2), extract_function=extract.tag("draft"))
+    return "\n".join(f"hint: {h}" for h in result.manifest["hints"])
+
+
+def _cassette_miss(c: Case) -> str:
+    from datagen.testing.cassettes import make_vcr
+
+    with make_vcr(c.tmp, record=True).use_cassette("test_x.yaml"):
+        assert len(c.pipe(cache=False).run_sync(make_pool(1))) == 1
+    sent = c.server.request_count
+    with make_vcr(c.tmp, record=False).use_cassette("test_x.yaml"):  # the prompt changed
+        message = failure_of(c.pipe(max_retries=0, cache=False), make_pool(2)[1:])
+    assert c.server.request_count == sent
+    return message
+
+
 CASES: dict[str, Callable[[Case], str]] = {
     "config file missing": lambda c: error_of(
         lambda: DataGenerationPipeline(config=c.tmp / "nope.yaml")),
@@ -428,6 +519,9 @@ CASES: dict[str, Callable[[Case], str]] = {
     "step name that is not an identifier": lambda c: _steps(c, name="my-step"),
     "two steps with one name": lambda c: _steps(c, name="first"),
     "step `samples=0`": lambda c: _steps(c, samples=0),
+    "`samples_in_one_request: true` for a model without `n`": lambda c: error_of(
+        lambda: c.pipe(provider="anthropic", model="claude-3-5-haiku-latest",
+                       samples_in_one_request=True).run_sync(make_pool(1))),
     "step `mode` neither chat nor completion": lambda c: _steps(c, mode="stream"),
     "step `prompt=[]`": lambda c: _steps(c, prompt=[]),
     "`extract_function` on a multi-step pipeline": lambda c: error_of(
@@ -449,6 +543,21 @@ CASES: dict[str, Callable[[Case], str]] = {
     "`shards` below 1": _shards_zero,
     "`--address` or `--shards` without `--executor ray`": lambda c: _cli(
         c, "run", "--shards", "4"),
+    "a pipeline's own setting without `params.`": lambda c: error_of(
+        lambda: c.pipe(n_items=1)),
+    "`datagen export` of a multi-step run, no `--step` or mapper": lambda c: _export(c),
+    "`datagen export --step` that is no step": lambda c: _export(c, "--step", "judge"),
+    "`datagen export` to a file that exists": lambda c: _export(
+        c, "--step", "second", before=b"mine\n"),
+    "`datagen export --mapper` that does not exist": lambda c: _export(
+        c, "--mapper", "nope.py:pair"),
+    "`datagen export` of a run with 0 records": _empty_export,
+    "a request the server rejects as invalid": _rejected_format,
+    "a format the model ignores, no constraint sent": _unconstrained,
+    "a request the test's cassette lacks": _cassette_miss,
+    "a batch step on a model without a batch API": lambda c: error_of(
+        lambda: c.pipe(batch=True, provider="deepseek").run_sync(make_pool(1))),
+    "resuming a batch run online while its batches are open": _batch_open,
 }
 
 
@@ -457,16 +566,24 @@ CASES: dict[str, Callable[[Case], str]] = {
 ITEM_LEVEL = {  # the run goes on: a line in the failures file (checked by failure_of)
     "extractor that raises", "`parse_response` value not serialisable",
     "an answer the transport cannot read", "extractor that hangs",
+    "a request the server rejects as invalid", "a format the model ignores, no constraint sent",
 }
 AFTER_A_RUN = {  # the case makes a run first, then checks that the refusal sent nothing
     "resume after the templates changed", "resume against another server",
     "a second process writing the same run", "a cluster run resumed in one process",
     "a one-process run resumed on a cluster",
+    # (or wrote nothing)
+    "`datagen export` of a multi-step run, no `--step` or mapper",
+    "`datagen export --step` that is no step", "`datagen export` to a file that exists",
+    "`datagen export --mapper` that does not exist",
+    "resuming a batch run online while its batches are open",
 }
 SENDS = {  # the fault is only known from an answer, or is about writing one
     "invalid API key (401)", "model not found (404)", "the disk fills up",
     "`Retry-After` longer than `max_retry_after`", "empty pool", "local model not installed",
     "a generator pool that raises",
+    "`datagen export` of a run with 0 records",  # a results file made by hand
+    "a request the test's cassette lacks",  # nothing reaches the server; a failures line
 }
 
 

@@ -54,7 +54,7 @@ def test_sharegpt_export_and_a_custom_mapper(single_run: Path, tmp_path: Path) -
     assert not (tmp_path / "bad.jsonl").exists()  # nothing half-written
 
 
-def test_multi_step_export_uses_the_last_step(tmp_path: Path) -> None:
+def test_multi_step_export_takes_the_step_asked_for(tmp_path: Path) -> None:
     with FakeOpenAIServer(responder=lambda body: "<answer>A.</answer>"
                           if "Answer from the text" in str(body) else '["Q1?", "Q2?"]') as server:
         p = (DataGenerationPipeline(config=QA / "config.yaml", base_url=server.base_url,
@@ -63,7 +63,9 @@ def test_multi_step_export_uses_the_last_step(tmp_path: Path) -> None:
                    one_to_many=True)
              .step("answer", prompt="answer.yaml", extract=extract.tag("answer")))
         result = p.run_sync([{"text": "Bees make honey."}])
-    assert to_openai(result.files.results, tmp_path / "qa.jsonl") == 2
+    with pytest.raises(ExportError, match=r"multi-step run \(steps: question, answer\)"):
+        to_openai(result.files.results, tmp_path / "qa.jsonl")  # which pair? not guessed
+    assert to_openai(result.files.results, tmp_path / "qa.jsonl", step="answer") == 2
     messages = read(tmp_path / "qa.jsonl")[0]["messages"]
     assert "Question: Q1?" in messages[0]["content"] and messages[-1]["content"] == "A."
     meta = read(result.files.results.with_name(result.files.results.stem

@@ -138,8 +138,9 @@ def test_extractor_rejects_non_text() -> None:
 def test_choice_extractor_and_its_grammar() -> None:
     ex = extract.choice("PASS", "FAIL")
     assert ex("Verdict: pass, clearly.") == "PASS"
-    assert ex("FAIL. (It would PASS otherwise.)") == "FAIL"
-    assert ex.constraint() == {"grammar": 'root ::= "PASS" | "FAIL"\n'}
+    assert ex("It would PASS otherwise, so: FAIL.") == "FAIL"  # the last mention
+    assert ex.constraint() == {"grammar": 'root ::= think? verdict\nthink ::= .* [ \\t\\n]\n'
+                                          'verdict ::= "PASS" | "FAIL"\n'}
     with pytest.raises(ExtractionError, match="none of PASS, FAIL"):
         ex("PASSED with FAILURES")  # whole words only
     with pytest.raises(ValueError):

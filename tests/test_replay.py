@@ -79,18 +79,40 @@ async def test_five_topics_example(base_url: str, cassette: Any, tmp_path: Path)
 
 
 async def test_custom_parser_example(base_url: str, cassette: Any, tmp_path: Path) -> None:
+    """The example as written: its OpenAI json_schema response_format goes to the llama.cpp
+    server as json_object + schema (provider: local with a base_url), which it takes."""
     example = load_example("custom_parser")
-    # llama.cpp servers take a schema as json_object + schema (OpenAI's json_schema form is
-    # what the example ships, for API models and the embedded model)
-    schema = pipe("custom_parser").settings.model.response_format["json_schema"]["schema"]
-    pipeline = pipe(example.NAME, **overrides(base_url, tmp_path, response_format={
-        "type": "json_object", "schema": schema}))
+    assert pipe("custom_parser").settings.model.response_format["type"] == "json_schema"
+    pipeline = pipe(example.NAME, **overrides(base_url, tmp_path))
     results = await pipeline.run(example.data_pool(None), concurrency_limit=3,
                                  parse_response=example.parse_response)
-    assert len(results) == 3
+    assert len(results) == 3, results.files.failures.read_text()
     for record in results:
         assert set(record["output"]) == {"question", "answer", "difficulty"}
         assert 1 <= record["output"]["difficulty"] <= 5
+    sent = [orjson.loads(r.body)["response_format"] for r in cassette.requests]
+    assert {f["type"] for f in sent} == {"json_object"}
+    assert all(f["schema"]["required"] == ["question", "answer", "difficulty"] for f in sent)
+    assert cassette.play_count == 3 or recording_requested()
+
+
+@pytest.mark.parametrize("transport", ["openai", "litellm"])
+async def test_a_format_the_server_rejects_is_a_bad_request_tried_once(
+        transport: str, base_url: str, cassette: Any, tmp_path: Path) -> None:
+    """provider: openai sends the json_schema form as written; llama_cpp.server answers
+    it with a 500 whose body is a validation error: one attempt, then the failures file."""
+    example = load_example("custom_parser")
+    pipeline = pipe(example.NAME, **overrides(base_url, tmp_path, provider="openai",
+                                              model="smollm2", max_retries=3,
+                                              transport=transport))
+    results = await pipeline.run(example.data_pool(None)[:1],
+                                 parse_response=example.parse_response)
+    assert results == []
+    failure = orjson.loads(results.files.failures.read_bytes())
+    assert failure["error"]["kind"] == "bad_request", failure
+    assert failure["error"]["attempts"] == 1
+    assert "Input should be 'text' or 'json_object'" in failure["error"]["message"]
+    assert len(cassette.requests) == 1 and cassette.responses[0]["status"]["code"] == 500
 
 
 async def test_concurrent_requests_replay_their_own_answers(base_url: str, cassette: Any,
@@ -109,9 +131,11 @@ async def test_concurrent_requests_replay_their_own_answers(base_url: str, casse
         assert record["raw_response"] == answers[prompt]
 
 
-async def test_a_request_missing_from_the_cassette_fails_fast(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["openai", "litellm"])
+async def test_a_request_missing_from_the_cassette_fails_fast(transport: str, tmp_path: Path
+                                                              ) -> None:
     example = load_example("five_topics")
-    pipeline = pipe(example.NAME, **overrides(UNREACHABLE, tmp_path))
+    pipeline = pipe(example.NAME, **overrides(UNREACHABLE, tmp_path, transport=transport))
     pool = [{"user_prompt_kwargs": {"topic": "never recorded", "word_count": "1 word"},
              "system_prompt_kwargs": {"tone": "plain"}}]
     with make_vcr(CASSETTES, record=False).use_cassette("test_five_topics_example.yaml"):
@@ -119,6 +143,10 @@ async def test_a_request_missing_from_the_cassette_fails_fast(tmp_path: Path) ->
         assert result == []
     failure = orjson.loads(result.files.failures.read_bytes())
     assert failure["error"]["attempts"] == 1
+    # the message says how to re-record, whichever transport wrapped the miss
+    message = failure["error"]["message"]
+    assert f"this request is not in {CASSETTES / 'test_five_topics_example.yaml'}" in message
+    assert "Re-record it: DATAGEN_RECORD=1 pytest" in message
 
 
 def test_no_cassette_holds_a_secret() -> None:

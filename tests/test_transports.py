@@ -3,6 +3,7 @@ same error kinds, same retries, same Retry-After handling, same records."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from datagen import DataGenerationPipeline, extract
 from datagen.errors import ConfigError, RunAbortedError
 from datagen.llm import caller
 from datagen.testing import FakeOpenAIServer, FakeReply, FaultPlan
+from datagen.testing.fake_server import completion_body
 
 TRANSPORTS = ["openai", "litellm"]
 
@@ -165,3 +167,30 @@ def test_local_model_served_over_http_gets_the_grammar(project: Path) -> None:
         plain = DataGenerationPipeline(config=project, base_url=server.base_url, cache=False)
         plain.run_sync(make_pool(1), extract_function=extract.tag("draft"))
         assert "grammar" not in server.bodies[1]  # an OpenAI model gets no grammar
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_used_up_limit_in_the_headers_holds_every_worker_until_it_resets(
+        project: Path, transport: str) -> None:
+    """The third answer says no requests are left for 1.5 s: nobody sends in that time
+    (a send there would have been a 429 from a real provider)."""
+    state = {"answered": 0, "closed_until": 0.0, "early": 0}
+
+    def limited(body: dict[str, Any]) -> Any:
+        now = time.monotonic()
+        if now < state["closed_until"]:
+            state["early"] += 1
+            return FakeReply(status=429, headers={"Retry-After": "1"})
+        state["answered"] += 1
+        remaining = max(0, 3 - state["answered"])
+        if remaining == 0:
+            state["closed_until"] = now + 1.5
+        return FakeReply(body=completion_body(body, topic_draft(body)), headers={
+            "x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": "1.5s"})
+
+    with FakeOpenAIServer(responder=limited) as server:
+        results, failures = run(project, server, transport, n=5, max_retries=2,
+                                concurrency_limit=1)
+    assert len(results) == 5 and failures == []
+    assert state["early"] == 0  # held back by the headers, not told off by a 429

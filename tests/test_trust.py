@@ -337,12 +337,12 @@ def test_a_write_error_stops_the_run_names_the_file_and_nothing_paid_is_lost(
         def close(self) -> None:
             return None
 
-    def full_disk(self: JsonlSink, line: bytes) -> bytes:
+    def full_disk(self: JsonlSink, line: bytes, key: str | None = None) -> bytes:
         if self.path == results_path():
             written["n"] += 1
             if written["n"] > 30:
                 self._fh = Full()  # type: ignore[assignment]
-        return real(self, line)
+        return real(self, line, key)
 
     def results_path() -> Path:
         return results_of(tmp_path / "output")

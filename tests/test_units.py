@@ -164,7 +164,7 @@ def test_cli_version() -> None:
 
 
 def test_seen_set_grows_and_remembers() -> None:
-    from datagen.pool import SeenSet
+    from datagen.seen import SeenSet
 
     seen = SeenSet(capacity=4)
     values = [i * 7919 + 2 for i in range(5000)] + [2**64 - 1]
@@ -270,3 +270,23 @@ def test_seeded_sample_keeps_pool_order() -> None:
     assert n == 1000 and len(chosen) == 10 and chosen == sorted(chosen)
     assert chosen == sample(iter(range(1000)), 10, seed=4)[0]
     assert chosen != sample(iter(range(1000)), 10, seed=5)[0]
+
+
+def test_seen_set_bulk_add_and_missing_agree_with_one_at_a_time() -> None:
+    import random
+    from array import array
+
+    from datagen.seen import SeenSet
+
+    rng = random.Random(7)
+    values = array("Q", [rng.getrandbits(64) for _ in range(5000)] + [0, 1, 0, 2**64 - 1])
+    values.extend(values[:300])  # repeats
+    one, bulk = SeenSet(capacity=8), SeenSet(capacity=8)
+    for v in values:
+        one.add(v)
+    bulk.add_many(values)
+    assert len(one) == len(bulk)
+    probes = array("Q", [*values[::7], *(rng.getrandbits(64) for _ in range(3000))])
+    assert bulk.missing(probes) == bytearray(int(p not in one) for p in probes)
+    pairs = bulk.missing(array("Q", [values[0], values[1], values[2], 12345]), group=2)
+    assert pairs == bytearray([0, int(12345 not in one)])

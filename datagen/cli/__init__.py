@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from datagen.cli import batch as batch_commands
 from datagen.cli import run as commands
 from datagen.cli import tools
 from datagen.cli.common import (
@@ -59,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "ray://host:10001; default: Ray's own default)")
     run.add_argument("--shards", type=count, help="with --executor ray: how many shards "
                                                   "(default: the cluster's CPUs)")
+    run.add_argument("--batch", action="store_true",
+                     help="every step through the provider's batch API (about half price; "
+                          "answers within 24 h; --resume picks the batches up)")
     run.set_defaults(func=commands.run)
+    batch_commands.add_commands(sub, fmt)
 
     est = sub.add_parser("estimate", help="tokens, cost and time of a run, sending nothing",
                          formatter_class=fmt, description="The dry run of a pipeline.",
@@ -69,14 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--sample", type=count, help="render a seeded sample, extrapolated")
     est.set_defaults(func=commands.estimate)
 
-    exp = sub.add_parser("export", help="ShareGPT / OpenAI / Hugging Face from results",
-                         formatter_class=fmt, description="Export a results file.",
-                         epilog="examples:\n  datagen export output/qa_20261122_101500.jsonl "
-                                "--format sharegpt\n  datagen export output/ --format hf "
-                                "--out train.parquet")
+    exp = sub.add_parser(
+        "export", help="ShareGPT / OpenAI / Hugging Face from results", formatter_class=fmt,
+        description="Export a results file. A record becomes the prompt that produced its "
+                    "output plus the output; for a multi-step run, the pipeline's own "
+                    "mapper(record) (in its pipeline.py) builds the conversation, else "
+                    "--step or --mapper says how. An existing file is never overwritten.",
+        epilog="examples:\n  datagen export output/qa_20261122_101500.jsonl "
+               "--format sharegpt\n  datagen export output/ --format hf --out train.parquet"
+               "\n  datagen export output/ --step answer --out answers.jsonl\n"
+               "  datagen export output/ --mapper examples/style_clone/pipeline.py:pair")
     exp.add_argument("results", help="a results file, or a run folder (its newest)")
     exp.add_argument("--format", choices=("sharegpt", "openai", "hf"), default="sharegpt")
-    exp.add_argument("--out", help="output path (hf: a folder, or a .parquet file)")
+    exp.add_argument("--out", help="output path (hf: a folder, or a .parquet file); it must "
+                     "not exist yet")
+    exp.add_argument("--step", help="multi-step runs: the step whose prompt and output are "
+                     "exported")
+    exp.add_argument("--mapper", metavar="FILE.py:NAME", help="a function record -> "
+                     "conversation: FILE.py:NAME, a pipeline folder or its pipeline.py "
+                     "(its mapper), or module:NAME")
     exp.set_defaults(func=tools.export)
 
     rep = sub.add_parser("report", help="one self-contained HTML file to read a run",

@@ -32,6 +32,8 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = parse_overrides(args.set or [])
     if getattr(args, "output", None):
         overrides["output_dir"] = args.output
+    if getattr(args, "batch", False):
+        overrides["run.batch"] = True
     return overrides
 
 

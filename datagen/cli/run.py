@@ -21,6 +21,7 @@ RUN_EXAMPLES = """examples:
   datagen run examples/factual_qa --limit 20   a seeded subset of 20 items
   datagen run . --set model.temperature=0.2 --set provider=openai --set model=gpt-4o-mini
   datagen run . --resume                       continue the newest run of this experiment
+  datagen run . --batch                        through the provider's batch API, half price
   datagen run . --dry-run                      tokens, cost and time; nothing is sent
   datagen run config.yaml --pool items.jsonl   the single-step form, no pipeline.py
   datagen run . --executor ray --address auto  on a Ray cluster, in shards
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"failures: {result.files.failures} ({counts['failed']} this run)")
     if counts.get("dropped"):
         print(f"dropped: {result.files.dropped} ({counts['dropped']} this run, by filters)")
+    if args.no_progress:  # else the display's summary said it
+        for hint in result.manifest.get("hints") or ():
+            print(f"datagen: hint: {hint}", file=sys.stderr)
     try:
         exported = folder.export(result.files.results)
     except DatagenError as exc:
@@ -93,7 +97,8 @@ def interrupted(result: Any, args: argparse.Namespace) -> None:
     print(f"datagen: interrupted; {result.counts['results_in_file']} records in "
           f"{result.files.results}", file=sys.stderr)
     path = "" if args.path == "." else f" {args.path}"
-    print(f"datagen: continue with: datagen run{path} --resume", file=sys.stderr)
+    batch = " --batch" if getattr(args, "batch", False) else ""
+    print(f"datagen: continue with: datagen run{path} --resume{batch}", file=sys.stderr)
 
 
 def dry_run_report(folder: Any, pool: Any, args: argparse.Namespace) -> str:
@@ -123,8 +128,16 @@ def check(args: argparse.Namespace) -> int:
 
     try:
         folder = load_folder(args.path, **overrides(args))
+        pipeline = folder.pipeline
+        items = None
+        if args.pool or folder.has_data_pool:  # every item checked as a run checks it
+            extractor = None if pipeline.step_names else folder.extract_function
+            items = pipeline.check(pool_of(folder, args), extract_function=extractor)
+        else:
+            pipeline.check(None)
     except DatagenError as exc:
         return error(exc)
-    steps = ", ".join(folder.pipeline.step_names) or "single step"
-    print(f"{args.path}: OK (model {folder.pipeline.settings.model.model_string()}; {steps})")
+    steps = ", ".join(pipeline.step_names) or "single step"
+    checked = f"; {items} items checked" if items is not None else "; no data pool to check"
+    print(f"{args.path}: OK (model {pipeline.settings.model.model_string()}; {steps}{checked})")
     return EXIT_OK

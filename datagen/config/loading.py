@@ -219,8 +219,20 @@ def apply_overrides(
                 f"or one of its keys ({', '.join(SECTIONS[key].model_fields)})"
             )
         else:
-            problems.append(_unknown_key_message(key, "in keyword argument", valid_keys()))
+            problems.append(_unknown_keyword(key, merged.get("params")))
     return merged, touched, problems
+
+
+def _unknown_keyword(key: str, params: Any) -> str:
+    """An override that is no config key: the closest config key, or, when none is close
+    (or the config's params: has it), the pipeline's own setting it probably is."""
+    suggestion = _suggest(key, valid_keys())
+    if (suggestion and not (isinstance(params, dict) and key in params)) or \
+            not key.isidentifier():
+        return f"unknown key '{key}' in keyword argument.{suggestion}"
+    return (f"unknown key '{key}' in keyword argument. Did you mean 'params.{key}'? A "
+            "setting of your pipeline goes under params: (passed to build() and "
+            f"data_pool()): --set params.{key}=..., or params={{'{key}': ...}}")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -369,8 +381,8 @@ def load_settings(
 
 def named_model(settings: Settings, name: str | None) -> ModelConfig:
     """The model a step asked for: the main one for None, else ``models[name]``, which
-    inherits the main model's settings (but not its connection settings, api_key and
-    base_url, when it names a provider of its own)."""
+    inherits the main model's settings (but not its server's: api_key, base_url, headers,
+    samples_in_one_request, when it names a provider of its own)."""
     if name is None:
         return settings.model
     if name not in settings.models:
@@ -380,7 +392,7 @@ def named_model(settings: Settings, name: str | None) -> ModelConfig:
     own = settings.models[name]
     base = settings.model.model_dump(exclude_unset=False)
     if "provider" in own:
-        for key in ("api_key", "base_url", "headers"):
+        for key in ("api_key", "base_url", "headers", "samples_in_one_request"):
             base.pop(key, None)
     try:
         return ModelConfig.model_validate({**base, **own})

@@ -84,6 +84,11 @@ class ModelConfig(_Section):
         None, "dollars per million input tokens (default: litellm's local price map)", ge=0)
     output_cost_per_million: float | None = _described(
         None, "dollars per million output tokens", ge=0)
+    batch_input_cost_per_million: float | None = _described(
+        None, "batch mode: dollars per million input tokens (default: litellm's batch price, "
+        "else half the online price, the providers' documented discount)", ge=0)
+    batch_output_cost_per_million: float | None = _described(
+        None, "batch mode: dollars per million output tokens (same defaults)", ge=0)
     constrain_output: bool | None = _described(
         None, "send the extractor's grammar/JSON schema: null = only to provider local, "
         "true = always, false = never")
@@ -91,6 +96,10 @@ class ModelConfig(_Section):
         "auto", "how a prompt ending with the assistant's turn is sent: auto picks per "
         "provider; native (Anthropic), continue (vLLM's continue_final_message), template "
         "(the chat template left open: local models), off (an error)")
+    samples_in_one_request: bool | Literal["auto"] = _described(
+        "auto", "samples of one prompt (samples=N) asked in one request with n=N, the "
+        "prompt billed once: auto = on for OpenAI's own API (provider openai, no "
+        "base_url); true for servers that honour n (vLLM); false = one request each")
 
     @field_validator("api_key", "base_url", mode="before")
     @classmethod
@@ -208,9 +217,24 @@ class RunConfig(_Section):
     cache_path: str | None = _described(None, "default: output_dir/.datagen_cache.sqlite")
     cache_salt: str = _described("", "change it for fresh samples of the same requests")
     samples: int = _described(1, "outputs per input item, keyed <key>#i, each with its "
-                              "own seed", ge=1, le=10_000)
+                              "own seed (or one request with n: "
+                              "model.samples_in_one_request)", ge=1, le=10_000)
     batch: bool = _described(False, "send every step through the provider's batch API "
                              "(about half price, answers within the completion window)")
+    batch_poll_interval: float = _described(
+        10.0, "batch mode: seconds before the first status poll of open batches; doubles "
+        "after each poll up to batch_poll_max", gt=0)
+    batch_poll_max: float = _described(
+        300.0, "batch mode: the longest wait between two status polls, in seconds", gt=0)
+    batch_max_requests: int | None = _described(
+        None, "batch mode: requests per batch at most (default: the provider's limit, "
+        "OpenAI 50,000, Anthropic 100,000)", ge=1)
+    batch_max_mb: float | None = _described(
+        None, "batch mode: megabytes per batch request file at most (default: the "
+        "provider's limit, OpenAI 200, Anthropic 256)", gt=0)
+    batch_max_wait_hours: float = _described(
+        30.0, "batch mode: stop waiting for open batches after this many hours (they keep "
+        "running at the provider; --resume picks them up)", gt=0)
     shutdown_timeout: float = _described(30.0, "seconds Ctrl+C / SIGTERM waits for the "
                                          "requests in flight", ge=0)
     user_code_timeout: float = _described(

@@ -25,7 +25,7 @@ from datagen.errors import DatagenError
 from datagen.result import RunResult
 
 log = redact.get_logger("datagen.engine")
-__all__ = ["Job", "RunInterrupted", "RunOptions", "execute"]
+__all__ = ["EngineRun", "Job", "RunInterrupted", "RunOptions", "execute"]
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -52,40 +52,82 @@ def run_salt(job: Job) -> str:
 
 
 async def execute(job: Job) -> RunResult:
-    recorder = RunRecorder(job)
-    runner = ItemRunner(job, recorder, run_salt(job))
+    run = EngineRun(job)
+    run.begin()
+    return run.end(await run.one_pass())
 
-    def skipped() -> None:
-        recorder.counts.skipped += 1
 
-    pool = WorkerPool(job.source, runner.run, job.options.concurrency, job.done,
-                      job.options.shutdown_timeout, skipped)
-    recorder.write_manifest("running", None)
-    job.display.start(job.total)
-    failure: DatagenError | None = None
-    ticker = asyncio.ensure_future(_tick(recorder))
-    try:
-        await pool.run()
-    except DatagenError as exc:
-        failure = exc
-    except BaseException as exc:  # cancellation, or a bug: the files stay valid
-        _finish(job, recorder, "interrupted", _error_of(exc))
-        raise
-    finally:
-        ticker.cancel()
-    status = "failed" if failure else "interrupted" if pool.interrupts else "completed"
-    manifest, closing = _finish(job, recorder, status,
-                                _error_of(failure) if failure else None)
-    failure = failure or closing
-    result = RunResult(recorder.ordered_results(), job.files, manifest)
-    if failure is not None:
-        failure.result = result  # type: ignore[attr-defined]
-        raise failure
-    if pool.interrupts:
-        raise RunInterrupted(
-            f"interrupted: {recorder.counts.succeeded} records written to "
-            f"{job.files.results}; resume=True continues the run", result, pool.signal)
-    return result
+class EngineRun:
+    """One run of the engine over a job: :meth:`begin`, one pass over the pool (or, in
+    batch mode, one per round, with the same recorder and counts), :meth:`end`."""
+
+    def __init__(self, job: Job, rounds: bool = False) -> None:
+        self.job = job
+        self.recorder = RunRecorder(job, rounds)
+        self.runner = ItemRunner(job, self.recorder, run_salt(job))
+        self.interrupts = 0
+        self.signal: int | None = None  # the last stop signal received
+        self.stop_error: dict[str, str] | None = None  # why a stop that is not a signal
+        self.abandoned = False
+
+    def begin(self) -> None:
+        self.recorder.write_manifest("running", None)
+        self.job.display.start(self.job.total)
+
+    async def one_pass(self) -> DatagenError | None:
+        """The pool once through the workers; the error that stopped it, if any (an
+        interrupt is counted in ``interrupts``)."""
+        job, recorder = self.job, self.recorder
+
+        def skipped(keys: int = 1) -> None:
+            recorder.counts.skipped += keys
+
+        job.source.on_skip = skipped  # done positions of a resumed pool, passed over unread
+        pool = WorkerPool(job.source, self.runner.run, job.options.concurrency, job.done,
+                          job.options.shutdown_timeout, skipped)
+        failure: DatagenError | None = None
+        ticker = asyncio.ensure_future(_tick(recorder))
+        try:
+            await pool.run()
+        except DatagenError as exc:
+            failure = exc
+        except BaseException as exc:  # cancellation, or a bug: the files stay valid
+            self.abandon(exc)
+            raise
+        finally:
+            ticker.cancel()
+            self.runner.shared.close()  # no shared request outlives the pass
+            self.interrupts += pool.interrupts
+            self.signal = pool.signal if pool.signal is not None else self.signal
+        return failure
+
+    def abandon(self, exc: BaseException) -> None:
+        """A bug or a cancellation outside a pass: the files closed, the manifest says
+        ``interrupted``; the caller raises ``exc`` on."""
+        if not self.abandoned:
+            self.abandoned = True
+            _finish(self.job, self.recorder, "interrupted", _error_of(exc))
+
+    def end(self, failure: DatagenError | None) -> RunResult:
+        """Close the files, write the final manifest; return the result, or raise the
+        error that stopped the run (or :class:`RunInterrupted`)."""
+        job, recorder = self.job, self.recorder
+        self.runner.rejections.release()
+        stopped = self.interrupts or self.stop_error is not None
+        status = "failed" if failure else "interrupted" if stopped else "completed"
+        error = _error_of(failure) if failure else self.stop_error
+        manifest, closing = _finish(job, recorder, status, error)
+        failure = failure or closing
+        result = RunResult(recorder.ordered_results(), job.files, manifest)
+        if failure is not None:
+            failure.result = result  # type: ignore[attr-defined]
+            raise failure
+        if stopped:
+            why = self.stop_error["message"] + "; " if self.stop_error else ""
+            raise RunInterrupted(
+                f"interrupted: {why}{recorder.counts.succeeded} records written to "
+                f"{job.files.results}; resume=True continues the run", result, self.signal)
+        return result
 
 
 async def _tick(recorder: RunRecorder) -> None:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from datagen.llm.cache import ResponseCache
 from datagen.llm.caller import Caller
 from datagen.llm.types import ChatRequest, Completion
 from datagen.plan import Plan, StepRuntime
-from datagen.pool import ItemSource
 from datagen.progress import Display
 from datagen.seen import KeyIndex
+from datagen.source import ItemSource
 from datagen.steps import CallEvent
 from datagen.store import Fence, RunFiles, RunLock
+
+if TYPE_CHECKING:
+    from datagen.batch.target import BatchPlan
 
 
 @dataclass
@@ -41,11 +44,13 @@ class Deferred(Exception):
 
 
 class BatchRound(Protocol):
-    """Batch mode's side of a round (``datagen.batch``): answers a batch step's request
-    from what earlier rounds collected, raises the CallError a batch reported for it for
-    good, or takes it into this round's batch and raises :class:`Deferred`."""
+    """Batch mode's side of a round (``datagen.executors.batch``): answers a batch step's
+    request (``key``: its identity; ``item``: the key of the item asking) from what
+    earlier rounds collected, raises the CallError a batch reported for it for good, or
+    takes it into this round's batch and raises :class:`Deferred`."""
 
-    async def answer(self, step: str, request: ChatRequest, key: str) -> Completion: ...
+    async def answer(self, step: str, request: ChatRequest, key: str, item: str
+                     ) -> Completion: ...
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Job:
     # a cluster run: (shard, display, fence) -> the Job of one shard of this run, made
     # where the shard runs (see datagen.prepare.prepare_shard); it travels there pickled
     make_shard: Callable[..., Job] | None = None
+    batch_plan: BatchPlan | None = None  # batch mode: each batch step's target, the knobs
 
     @property
     def step_names(self) -> list[str]:

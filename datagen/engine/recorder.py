@@ -18,11 +18,14 @@ from datagen.errors import a_type
 from datagen.llm.caller import CallStats
 from datagen.llm.types import Completion
 from datagen.manifest import build_manifest
-from datagen.plan import ItemState
+from datagen.plan import ItemState, StepRuntime
+from datagen.runindex import DROPPED, RESULTS, DoneLog, done_path
+from datagen.seen import KeyIndex
 from datagen.steps import CallEvent
-from datagen.store import JsonlSink, dumps_line, iso_now, write_json
+from datagen.store import Fence, JsonlSink, RunFiles, dumps_line, iso_now, write_json
 
 log = redact.get_logger("datagen.engine")
+EARLY_ITEMS = 5  # the first items finished: when all failed alike, the summary says why
 
 
 @dataclass
@@ -33,15 +36,33 @@ class Counts:
     skipped: int = 0  # already done in the run being resumed
     failed_by_kind: Counter[str] = field(default_factory=Counter)
     dropped_by_step: Counter[str] = field(default_factory=Counter)
+    failed_by_step: Counter[str] = field(default_factory=Counter)
     latency_total: float = 0.0
     validation_retries: Counter[str] = field(default_factory=Counter)
     step_done: Counter[str] = field(default_factory=Counter)
     callback_errors: int = 0
     deferred: int = 0  # batch mode: items waiting for this round's batch
+    failed_again: int = 0  # batch mode resumed: failures already in the file, not rewritten
 
     @property
     def finished(self) -> int:
         return self.succeeded + self.failed + self.dropped
+
+
+def hints_for(early: list[tuple[str, str]], steps: list[StepRuntime]) -> list[str]:
+    """What to change when a run's first items all failed the same way: now, when
+    extraction failed and the extractor's format constraint was not sent."""
+    unsent = {s.name: s.unsent_constraint for s in steps if s.unsent_constraint}
+    if not early or any(outcome != "extraction" or step not in unsent
+                        for outcome, step in early):
+        return []
+    names = ", ".join(sorted({str(unsent[step]) for _, step in early}))
+    first = "the only item" if len(early) == 1 else f"all of the first {len(early)} items"
+    return [f"{first} failed extraction ({names}), and the extractor's format constraint "
+            "(its grammar or JSON schema) was not sent to this server: set "
+            "model.constrain_output: true (--set constrain_output=true) to hold the model "
+            "to the format (llama.cpp, vLLM and other servers that take a grammar or a JSON "
+            "schema)"]
 
 
 @dataclass
@@ -55,23 +76,43 @@ class Failure:
     function: str | None = None  # the user function that raised or hung
 
 
+def indexed_sinks(files: RunFiles, fsync: float, fence: Fence | None = None
+                  ) -> tuple[DoneLog, JsonlSink, JsonlSink]:
+    """The done index, and the results and dropped files, each line written told to it
+    (resume of a million records reads 16 MB, not the records). With a ``fence`` (a
+    cluster shard's lease) every append happens inside it."""
+    done_log = DoneLog(done_path(files.results))
+    return (done_log,
+            JsonlSink(files.results, fsync, lambda key, end: done_log.add(key, RESULTS, end),
+                      fence=fence),
+            JsonlSink(files.dropped, fsync, lambda key, end: done_log.add(key, DROPPED, end),
+                      fence=fence))
+
+
 class RunRecorder:
-    def __init__(self, job: Job) -> None:
+    """``rounds``: batch mode's rounds replay unfinished items; a step done, a retry or a
+    meta example is still counted (and written) once per item."""
+
+    def __init__(self, job: Job, rounds: bool = False) -> None:
         self.job = job
+        self.rounds = rounds
+        self._counted: KeyIndex | None = KeyIndex() if rounds else None
+        self.failed_before: KeyIndex | None = None  # "key|kind|message" already on file
         self.plan = job.plan
         self.files = job.files
         self.counts = Counts()
         fsync, fence = job.options.fsync_interval, job.fence
-        self.results_sink = JsonlSink(job.files.results, fsync, fence)
-        self.failures_sink = JsonlSink(job.files.failures, fsync, fence)
-        self.dropped_sink = JsonlSink(job.files.dropped, fsync, fence)
-        self.meta_sink = JsonlSink(job.files.meta, fsync, fence) \
+        self.done_log, self.results_sink, self.dropped_sink = indexed_sinks(job.files, fsync,
+                                                                             fence)
+        self.failures_sink = JsonlSink(job.files.failures, fsync, fence=fence)
+        self.meta_sink = JsonlSink(job.files.meta, fsync, fence=fence) \
             if job.options.meta_datagen else None
         self.results: dict[tuple[int, tuple[int, ...], int], dict[str, Any]] = {}
         self.started_at = iso_now()
-        self._t0 = time.monotonic()
+        self.t0 = time.monotonic()
         self._last_counters = 0.0
         self.extra: dict[str, Any] = {}  # more manifest sections (e.g. a user-code hint)
+        self.early: list[tuple[str, str]] = []  # (outcome, step) of the first items
 
     # ---- outcomes --------------------------------------------------------------------
 
@@ -88,7 +129,8 @@ class RunRecorder:
                            f"cannot be written as JSON ({exc}); return dicts, lists, strings, "
                            "numbers or a pydantic model",
                            state.trace.get(last, {}).get("attempts", 0))
-        written = self.results_sink.write_line(line)
+        written = self.results_sink.write_line(line, state.key)
+        self.early += [("ok", "")] if len(self.early) < EARLY_ITEMS else []
         c = self.counts
         c.succeeded += 1
         c.latency_total += sum(t.get("latency_s", 0.0) for t in state.trace.values())
@@ -116,9 +158,15 @@ class RunRecorder:
         except TypeError:  # an unserialisable item value: keep what can be kept
             line = dumps_line({"index": state.item.index, "key": state.key,
                                "error": error, "item": repr(state.context)})
-        self.failures_sink.write_line(line)
+        if self.failed_before is not None and f"{state.key}|{failure.kind}|{message}" in \
+                self.failed_before:  # batch mode resumed: this very failure is on file
+            self.counts.failed_again += 1
+        else:
+            self.failures_sink.write_line(line)
+        self.early += [(failure.kind, step)] if len(self.early) < EARLY_ITEMS else []
         self.counts.failed += 1
         self.counts.failed_by_kind[failure.kind] += 1
+        self.counts.failed_by_step[step] += 1
         where = f" in {failure.function}" if failure.function else ""
         log.warning("item %d (%s) failed at step %s (%s%s) after %d attempt(s): %s",
                     state.item.index, state.key, step, failure.kind, where,
@@ -129,7 +177,8 @@ class RunRecorder:
         """A filter's "no": listed with its reason, never a failure, never retried."""
         line = dumps_line({"index": state.item.index, "key": state.key, "step": step,
                            "reason": reason, "item": state.context, "steps": state.trace})
-        self.dropped_sink.write_line(line)
+        self.dropped_sink.write_line(line, state.key)
+        self.early += [("drop", step)] if len(self.early) < EARLY_ITEMS else []
         self.counts.dropped += 1
         self.counts.dropped_by_step[step] += 1
         self._changed()
@@ -138,7 +187,7 @@ class RunRecorder:
              prompt: str | None, completion: Completion) -> None:
         """Meta-datagen: the accepted call as a training example for a model that could
         replace this step."""
-        if self.meta_sink is None:
+        if self.meta_sink is None or self._again(f"meta|{step}|{key}"):
             return
         example: dict[str, Any] = {"step": step, "key": key}
         if prompt is None:
@@ -157,11 +206,19 @@ class RunRecorder:
         name = f"{event.step}-{event.key.replace('/', '_')}-{time.time_ns()}.json"
         write_json(folder / name, dataclasses.asdict(event))
 
-    def step_done(self, step: str) -> int:
-        self.counts.step_done[step] += 1
-        done = self.counts.step_done[step]
-        self.job.display.step(step, done)
-        return done
+    def _again(self, what: str) -> bool:
+        """Batch rounds: was this already counted (a replay)? Never, online."""
+        return self._counted is not None and self._counted.add(what)
+
+    def step_done(self, step: str, key: str) -> int:
+        self.counts.step_done[step] += 0 if self._again(f"done|{step}|{key}") else 1
+        self.job.display.step(step, self.counts.step_done[step])
+        return self.counts.step_done[step]
+
+    def retried(self, step: str, key: str, retry: int) -> None:
+        """A validation retry (``retry``: its number for this item and step)."""
+        if not self._again(f"retry|{step}|{key}|{retry}"):
+            self.counts.validation_retries[step] += 1
 
     # ---- display, summary, manifest ---------------------------------------------------
 
@@ -196,7 +253,14 @@ class RunRecorder:
                 return f"waiting until {until} ({left:.0f} s): {limits.pause_reason}"
         return ""
 
+    def hints(self) -> list[str]:
+        return hints_for(self.early, self.job.steps)
+
     def summary(self) -> str:
+        hints = "".join(f"\nhint: {hint}" for hint in self.hints())
+        return self._counts_line() + hints
+
+    def _counts_line(self) -> str:
         c, s = self.counts, self.stats()
         by_kind = ", ".join(f"{k}: {v}" for k, v in sorted(c.failed_by_kind.items()))
         more = f", {c.dropped} dropped" if c.dropped else ""
@@ -208,33 +272,11 @@ class RunRecorder:
             f"{more}; {s.requests} requests, {s.retries} retries, {s.rate_limited} "
             f"rate-limited (429), {s.cache_hits} cache hits; "
             f"{s.prompt_tokens} prompt + {s.completion_tokens} completion tokens"
-            f"{f', ${s.cost_usd:.4f}' if s.cost_usd is not None else ', cost unknown'}")
+            f"{f', ${s.cost_usd:.4f}' if s.cost_usd is not None else ', cost unknown'}"
+            + (f"; {self.extra['batches']['summary']}" if "batches" in self.extra else ""))
 
     def manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
-        c, s = self.counts, self.stats()
-        elapsed = time.monotonic() - self._t0
-        return build_manifest(
-            self.job.manifest_base, status=status, error=error, started_at=self.started_at,
-            updated_at=iso_now(), files=self.files.as_dict(),
-            counts={"finished": c.finished, "succeeded": c.succeeded, "failed": c.failed,
-                    "failed_by_kind": dict(c.failed_by_kind), "skipped_done": c.skipped,
-                    "results_in_file": self.job.resumed + c.succeeded},
-            steps={name: {"done": c.step_done[name],
-                          "validation_retries": c.validation_retries[name],
-                          "dropped": c.dropped_by_step[name]}
-                   for name in self.job.step_names},
-            calls={"requests": s.requests, "retries": s.retries,
-                   "rate_limited": s.rate_limited, "errors_by_kind": dict(s.errors_by_kind),
-                   "cache_hits": s.cache_hits, "cache_misses": s.cache_misses},
-            tokens={"prompt": s.prompt_tokens, "completion": s.completion_tokens,
-                    "total": s.prompt_tokens + s.completion_tokens},
-            cost_usd=s.cost_usd,
-            timings={"duration_s": round(elapsed, 3),
-                     "items_per_s": round(c.finished / elapsed, 3) if elapsed > 0 else None,
-                     "mean_latency_s": round(c.latency_total / c.succeeded, 4)
-                     if c.succeeded else None},
-            extra={"dropped": {"total": c.dropped, "by_step": dict(c.dropped_by_step)},
-                   "callbacks": {"on_record_errors": c.callback_errors}, **self.extra})
+        return manifest_of(self, status, error)
 
     def write_manifest(self, status: str, error: dict[str, str] | None) -> dict[str, Any]:
         manifest = self.manifest(status, error)
@@ -253,8 +295,40 @@ class RunRecorder:
                 sink.close()
             except Exception as exc:  # OSError as WriteError: keep closing the others
                 first = first or exc
+        self.done_log.close()
         if first is not None:
             raise first
 
     def ordered_results(self) -> list[dict[str, Any]]:
         return [self.results[i] for i in sorted(self.results)]
+
+
+def manifest_of(recorder: RunRecorder, status: str, error: dict[str, str] | None
+                ) -> dict[str, Any]:
+    """The manifest of the run so far (built here, in one place)."""
+    c, s = recorder.counts, recorder.stats()
+    elapsed = time.monotonic() - recorder.t0
+    return build_manifest(
+        recorder.job.manifest_base, status=status, error=error, started_at=recorder.started_at,
+        updated_at=iso_now(), files=recorder.files.as_dict(),
+        counts={"finished": c.finished, "succeeded": c.succeeded, "failed": c.failed,
+                "failed_by_kind": dict(c.failed_by_kind), "skipped_done": c.skipped,
+                "results_in_file": recorder.job.resumed + c.succeeded},
+        steps={name: {"done": c.step_done[name],
+                      "validation_retries": c.validation_retries[name],
+                      "failed": c.failed_by_step[name],
+                      "dropped": c.dropped_by_step[name]}
+               for name in recorder.job.step_names},
+        calls={"requests": s.requests, "retries": s.retries,
+               "rate_limited": s.rate_limited, "errors_by_kind": dict(s.errors_by_kind),
+               "cache_hits": s.cache_hits, "cache_misses": s.cache_misses},
+        tokens={"prompt": s.prompt_tokens, "completion": s.completion_tokens,
+                "total": s.prompt_tokens + s.completion_tokens},
+        cost_usd=s.cost_usd,
+        timings={"duration_s": round(elapsed, 3),
+                 "items_per_s": round(c.finished / elapsed, 3) if elapsed > 0 else None,
+                 "mean_latency_s": round(c.latency_total / c.succeeded, 4)
+                 if c.succeeded else None},
+        extra={"dropped": {"total": c.dropped, "by_step": dict(c.dropped_by_step)},
+               "callbacks": {"on_record_errors": c.callback_errors},
+               "hints": recorder.hints(), **recorder.extra})

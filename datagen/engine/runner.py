@@ -12,10 +12,13 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+from datagen.engine.hooks import Hooks
 from datagen.engine.job import Deferred, Job
 from datagen.engine.recorder import Failure, RunRecorder
+from datagen.engine.sharing import Seat, SharedRequests
 from datagen.engine.verdict import judge
 from datagen.errors import RunAbortedError, a_type
+from datagen.llm.cache import ResponseCache
 from datagen.llm.errors import CallError
 from datagen.llm.types import ChatRequest, Completion, request_identity
 from datagen.plan import ItemState, StepRuntime
@@ -56,6 +59,26 @@ def step_trace(completion: Completion, attempts: int, retries: int) -> dict[str,
             "validation_retries": retries, "cached": attempts == 0}
 
 
+class Rejections:
+    """Rejected answers forgotten by the cache: at once; in batch mode (``hold``) when the
+    run ends, since its rounds replay every unfinished item and each replay must take the
+    same path (nothing asked twice)."""
+
+    def __init__(self, hold: bool) -> None:
+        self.held: dict[str, ResponseCache] | None = {} if hold else None
+
+    def reject(self, cache: ResponseCache, key: str) -> None:
+        if self.held is not None:
+            self.held[key] = cache
+        else:
+            cache.reject(key)
+
+    def release(self) -> None:
+        held, self.held = self.held, None
+        for key, cache in (held or {}).items():
+            cache.reject(key)
+
+
 class ItemRunner:
     """Carries items through the job's steps; outcomes go to the recorder."""
 
@@ -63,23 +86,34 @@ class ItemRunner:
         self.job, self.recorder, self.salt = job, recorder, salt
         self.steps = job.steps
         self.timeout = job.options.user_code_timeout
-        self.observers = job.options.observers
+        self.hooks = Hooks(job, recorder)
+        self.shared = SharedRequests()  # samples asked together, with n
+        self.rejections = Rejections(hold=recorder.rounds)
 
     async def run(self, item: PoolItem) -> None:
         state = ItemState(item=item, key=item.key, context=dict(item.user_kwargs),
                           variant=item.variant)
-        await self._advance(state, 0)
+        seat = self.shared.copy_seat(self.steps[0], item, self.job.source.samples,
+                                     self.job.done)
+        try:
+            await self._advance(state, 0, seat)
+        finally:
+            if seat is not None:
+                self.shared.leave(seat)
 
-    async def _advance(self, state: ItemState, first: int) -> None:
+    async def _advance(self, state: ItemState, first: int, seat: Seat | None = None,
+                       sampled: bool = False) -> None:
         """Carry one item (or fan-out child, or sample) through steps[first:], then
-        write it."""
+        write it. ``sampled``: it is one of steps[first]'s samples already; ``seat``:
+        its place in a group of samples sharing steps[first]'s request."""
         for position in range(first, len(self.steps)):
             step = self.steps[position]
-            if step.samples > 1:
+            if step.samples > 1 and not (sampled and position == first):
                 await self._sample(step, state, position)
                 return
             try:
-                output = await self._run_step(step, state)
+                output = await self._run_step(step, state, seat if position == first
+                                              else None)
             except StepFailed as failed:
                 self.recorder.fail(state, step.name, failed.failure)
                 return
@@ -89,7 +123,7 @@ class ItemRunner:
             except Deferred:  # batch mode: its request is in this round's batch
                 self.recorder.counts.deferred += 1
                 return
-            self._report(step.name, self.recorder.step_done(step.name))
+            self.hooks.report(step.name, self.recorder.step_done(step.name, state.key))
             if step.one_to_many:
                 await self._fan_out(step, state, output, position)
                 return
@@ -98,35 +132,30 @@ class ItemRunner:
         if isinstance(outcome, Failure):
             self.recorder.fail(state, self.steps[-1].name, outcome)
         elif self.job.options.on_record is not None:
-            await self._on_record(outcome)
+            await self.hooks.on_record(outcome)
 
     async def _sample(self, step: StepRuntime, state: ItemState, position: int) -> None:
         """``samples=N`` at this step: N outputs, each continuing as ``<key>#i``."""
-        async def one(i: int) -> None:
+        samples = []
+        for i in range(step.samples):
             sample = state.child(i, step.name, None, "#", step.samples)
             if sample.key in self.job.done:  # finished in the run being resumed
                 self.recorder.counts.skipped += 1
-                return
+                continue
             sample.outputs.pop(step.name, None)
-            try:
-                output = await self._run_step(step, sample)
-            except StepFailed as failed:
-                self.recorder.fail(sample, step.name, failed.failure)
-                return
-            except StepDropped as dropped:
-                self.recorder.drop(sample, step.name, dropped.reason)
-                return
-            except Deferred:
-                self.recorder.counts.deferred += 1
-                return
-            self._report(step.name, self.recorder.step_done(step.name))
-            if step.one_to_many:
-                await self._fan_out(step, sample, output, position)
-                return
-            sample.outputs[step.name] = output
-            await self._advance(sample, position + 1)
+            samples.append((i, sample))
+        seats = [self.shared.seat(step, state.key, state.variant * step.samples, i,
+                                  step.samples, len(samples)) for i, _ in samples]
+        await _gather_all([self._one_sample(step, sample, position, seat)
+                           for (_, sample), seat in zip(samples, seats, strict=True)])
 
-        await _gather_all([one(i) for i in range(step.samples)])
+    async def _one_sample(self, step: StepRuntime, sample: ItemState, position: int,
+                          seat: Seat | None) -> None:
+        try:
+            await self._advance(sample, position, seat, sampled=True)
+        finally:
+            if seat is not None:
+                self.shared.leave(seat)
 
     async def _fan_out(self, step: StepRuntime, state: ItemState, output: Any,
                        position: int) -> None:
@@ -155,7 +184,8 @@ class ItemRunner:
 
     # ---- one step --------------------------------------------------------------------
 
-    async def _run_step(self, step: StepRuntime, state: ItemState) -> Any:
+    async def _run_step(self, step: StepRuntime, state: ItemState,
+                        seat: Seat | None = None) -> Any:
         """The step's output for this item."""
         context = {**state.context, **state.outputs}
         if step.input_processor is not None:
@@ -163,11 +193,12 @@ class ItemRunner:
             if not isinstance(context, Mapping):
                 raise StepFailed(Failure("input_processor", "input_processor returned "
                                          f"{a_type(context)}; it must return a dict", 0))
-        return await self._attempts(step, state, context)
+        return await self._attempts(step, state, context, seat)
 
     async def _attempts(self, step: StepRuntime, state: ItemState,
-                        context: Mapping[str, Any]) -> Any:
-        """Call, extract, validate; retry with the reason up to the step's max_retries."""
+                        context: Mapping[str, Any], seat: Seat | None) -> Any:
+        """Call, extract, validate; retry with the reason up to the step's max_retries.
+        With a ``seat``, the first answer is this sample's choice of its group's."""
         where = f"item {state.item.index}" + (f" (key {state.key})"
                                               if state.key != state.item.key else "")
         error_message: str | None = None
@@ -176,7 +207,10 @@ class ItemRunner:
             messages, prompt, label = step.render(
                 state, {**context, "error_message": error_message}, where)
             request = step.request_for(state, messages, prompt)
-            completion, attempts, key = await self._call(step, state, request, retries)
+            group = None if seat is None or retries else (seat, step.request_for(
+                state, messages, prompt, seat.base_variant, seat.size))
+            completion, attempts, key, choice = await self._call(step, state, request,
+                                                                 retries, group)
             verdict = await judge(step, completion, context, self.timeout)
             reason = verdict.reason
             trace = step_trace(completion, attempts, retries)
@@ -193,7 +227,7 @@ class ItemRunner:
                 self.recorder.meta(step.name, state.key, messages, prompt, completion)
                 return verdict.output
             if verdict.rejects:
-                self._reject(step, key)
+                self._reject(step, key, choice)
             if retries >= step.max_retries:
                 if completion.finish_reason == "length":
                     reason += " (the response was cut off at max_tokens: raise max_tokens)"
@@ -201,43 +235,60 @@ class ItemRunner:
                 raise StepFailed(Failure(verdict.kind, reason, attempts, completion,
                                          verdict.function))
             retries += 1
-            self.recorder.counts.validation_retries[step.name] += 1
+            self.recorder.retried(step.name, state.key, retries)
             error_message = reason
             log.info("step %s, %s: %s failed (%s); retry %d/%d", step.name, where,
                      verdict.kind, reason[:200], retries, step.max_retries)
 
     async def _call(self, step: StepRuntime, state: ItemState, request: ChatRequest,
-                    retries: int) -> tuple[Completion, int, str | None]:
-        salt = f"{self.salt}|{state.variant}" + (f"|v{retries}" if retries else "")
-        key = request_identity(request, salt) if step.caller.cache is not None else None
+                    retries: int, group: tuple[Seat, ChatRequest] | None
+                    ) -> tuple[Completion, int, str | None, int | None]:
+        """The answer, the attempts it took, its cache key, and which choice of a shared
+        request's answer it is (None: its own request's)."""
         event = CallEvent(step.name, state.key, request.messages or None, request.prompt)
-        self._observe("before", event)
+        self.hooks.observe("before", event)
         try:
-            if step.batch and self.job.batch is not None and key is not None:
-                completion = await self.job.batch.answer(step.name, request, key)
-                attempts = 1  # paid for, through a batch
-            else:
-                completion, attempts = await step.caller.call(request, key)
+            answered = await self._answer(step, state, request, retries, group)
         except CallError as err:
             event.error = f"{err.kind}: {err.message}"
-            self._observe("after", event)
+            self.hooks.observe("after", event)
             if err.fatal:
                 message = fatal_message(err, request.model)
                 if len(self.steps) > 1:
                     message = f"step '{step.name}': {message}"
                 raise RunAbortedError(message, err.kind) from None
             raise StepFailed(Failure(err.kind, err.message, err.attempts)) from None
+        completion, attempts = answered[0], answered[1]
         event.response, event.usage = completion.text, completion.usage.as_dict()
         event.latency_s, event.cached = completion.latency_s, attempts == 0
-        self._observe("after", event)
-        return completion, attempts, key
+        self.hooks.observe("after", event)
+        return answered
 
-    def _reject(self, step: StepRuntime, key: str | None) -> None:
+    async def _answer(self, step: StepRuntime, state: ItemState, request: ChatRequest,
+                      retries: int, group: tuple[Seat, ChatRequest] | None
+                      ) -> tuple[Completion, int, str | None, int | None]:
+        if group is not None:  # this sample's choice of its group's answer, if there is one
+            seat, shared = group
+            group_key = request_identity(shared, f"{self.salt}|{seat.base_variant}")
+            if (chosen := await self.shared.answer(step, seat, shared, group_key)):
+                return *chosen, group_key, seat.index
+        salt = f"{self.salt}|{state.variant}" + (f"|v{retries}" if retries else "")
+        key = request_identity(request, salt) if step.caller.cache is not None else None
+        if step.batch and self.job.batch is not None and key is not None:
+            completion = await self.job.batch.answer(step.name, request, key, state.key)
+            return completion, 1, key, None  # paid for, through a batch
+        return *await step.caller.call(request, key), key, None
+
+    def _reject(self, step: StepRuntime, key: str | None, choice: int | None) -> None:
         """An answer extraction or validation rejected is not kept: the failed item on
-        resume asks the model again. (When the user's code itself failed, the answer is
-        kept: fix the code and resume, and it is not paid for twice.)"""
+        resume asks the model again (a choice of a shared request's answer: that choice
+        only). (When the user's code itself failed, the answer is kept: fix the code and
+        resume, and it is not paid for twice.)"""
         if key is not None and step.caller.cache is not None:
-            step.caller.cache.reject(key)
+            if choice is None:
+                self.rejections.reject(step.caller.cache, key)
+            else:  # a shared answer's choice (never a batch step's)
+                step.caller.cache.reject_choice(key, choice)
 
     async def _user(self, fn: Any, kind: str, *args: Any) -> Any:
         try:
@@ -245,35 +296,6 @@ class ItemRunner:
         except UserCodeError as exc:
             raise StepFailed(Failure(exc.kind, exc.message, 0, function=exc.function)
                              ) from None
-
-    async def _on_record(self, record: dict[str, Any]) -> None:
-        callback = self.job.options.on_record
-        assert callback is not None
-        try:
-            await call_user(callback, record, kind="on_record", timeout=self.timeout)
-        except UserCodeError as exc:  # the record is on disk: note it, keep going
-            self.recorder.counts.callback_errors += 1
-            log.warning("on_record failed for %s: %s", record.get("key"), exc.message)
-
-    def _observe(self, phase: str, event: CallEvent) -> None:
-        for observer in self.observers.get(phase, ()):
-            try:
-                observer(event)
-            except Exception:  # an observer must never break a run
-                log.exception("a %s-call observer raised; ignored", phase)
-        if phase == "after":
-            self.recorder.debug(event)
-
-    def _report(self, name: str, done: int) -> None:
-        callback = self.job.options.progress_callback
-        if callback is None:
-            return
-        total = self.job.total
-        fraction = min(1.0, done / total) if total else 0.0
-        try:
-            callback(name, fraction, f"step {name}: {done} done")
-        except Exception:  # a UI hook must never break a run
-            log.exception("progress_callback raised; ignored")
 
 
 async def _gather_all(branches: list[Any]) -> None:

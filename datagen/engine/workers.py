@@ -17,9 +17,10 @@ import threading
 from collections.abc import Awaitable, Callable
 
 from datagen.errors import RunAbortedError
-from datagen.pool import ItemSource, PoolItem
+from datagen.pool import PoolItem
 from datagen.redact import get_logger
 from datagen.seen import KeyIndex
+from datagen.source import ItemSource
 
 log = get_logger("datagen.engine")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -74,7 +75,7 @@ class WorkerPool:
             item = await self.source.next()
             if item is None:
                 return
-            if item.key in self.done:
+            if self.done and item.key in self.done:
                 self.on_skip()
                 continue
             await self.process(item)

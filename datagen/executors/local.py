@@ -27,6 +27,10 @@ async def run_local(job: Job) -> RunResult:
                      job.total if job.total is not None else "unknown",
                      job.options.concurrency, job.files.results,
                      f" (resuming: {len(job.done)} done)" if len(job.done) else "")
+            if job.batch_plan is not None:  # batch steps: the engine in rounds
+                from datagen.executors.batch import run_batch
+
+                return await run_batch(job)
             return await execute(job)
     finally:
         await close_job(job)

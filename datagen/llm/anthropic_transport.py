@@ -248,7 +248,12 @@ def parse_message(raw: bytes, latency: float, rate_limits: RateLimitInfo | None 
     """A Messages API 200 body -> :class:`Completion`; raises :class:`CallError`
     (``malformed_response`` when the body cannot be read, ``empty_response`` when it
     holds no text block)."""
-    body = load_object(raw)
+    return message_of(load_object(raw), latency, rate_limits)
+
+
+def message_of(body: dict[str, Any], latency: float,
+               rate_limits: RateLimitInfo | None = None) -> Completion:
+    """:func:`parse_message` of a body already decoded (a batch's result)."""
     if body.get("type") == "error":
         message, kind = _error_fields(body.get("error"))
         raise malformed(f"a 200 whose body is an error: {kind or 'error'}: {message}")

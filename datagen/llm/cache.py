@@ -16,7 +16,10 @@ can lose at most the last COMMIT_DELAY_S of answers to the cache (not to the res
 a record written holds its answer).
 
 Fresh samples at temperature > 0: set ``run.cache_salt`` to a new value; identical items
-repeated in one pool and ``samples=N`` are told apart automatically.
+repeated in one pool and ``samples=N`` are told apart automatically. The answer to a
+request for several choices (``n``, samples sharing one request) is stored whole, every
+choice with it; a sample whose choice was rejected marks only its own
+(:meth:`ResponseCache.reject_choice`).
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import contextlib
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from datagen.errors import OutputError
-from datagen.llm.types import Completion, Usage
+from datagen.llm.types import Choice, Completion, Usage
 from datagen.redact import get_logger, redact_bytes
 from datagen.seen import KeyIndex
 
@@ -115,11 +119,8 @@ class ResponseCache:
 
     def put(self, key: str, completion: Completion) -> None:
         self._raise_error()
-        value = redact_bytes(orjson.dumps({  # a secret echoed in an answer stays out too
-            "text": completion.text, "finish_reason": completion.finish_reason,
-            "prompt_tokens": completion.usage.prompt_tokens,
-            "completion_tokens": completion.usage.completion_tokens, "model": completion.model,
-        }))
+        # a secret echoed in an answer stays out too
+        value = redact_bytes(orjson.dumps(_encode(completion)))
         with self._lock:
             self._pending[key] = value
             if self._known is not None:
@@ -127,6 +128,16 @@ class ResponseCache:
             elif self._since_load is not None:
                 self._since_load.add(key)
         self._soon()
+
+    def reject_choice(self, key: str, index: int) -> None:
+        """Mark choice ``index`` of a several-choice answer rejected: that sample asks
+        again on its own (on resume too); the other choices stay good."""
+        hit = self.get(key)
+        if hit is None or index >= len(hit.choices):
+            return
+        choices = list(hit.choices)
+        choices[index] = replace(choices[index], rejected=True)
+        self.put(key, replace(hit, choices=tuple(choices)))
 
     def reject(self, key: str) -> None:
         """Forget an answer that extraction or validation rejected: asking again must get
@@ -206,10 +217,23 @@ class ResponseCache:
                 self._db.close()
 
 
+def _encode(completion: Completion) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "text": completion.text, "finish_reason": completion.finish_reason,
+        "prompt_tokens": completion.usage.prompt_tokens,
+        "completion_tokens": completion.usage.completion_tokens, "model": completion.model,
+    }
+    if completion.choices:  # the whole answer to a request with n > 1: every choice
+        data["choices"] = [[c.text, c.finish_reason, c.rejected] for c in completion.choices]
+    return data
+
+
 def _decode(raw: Any) -> Completion:
     data: dict[str, Any] = orjson.loads(raw)
     return Completion(
         text=data["text"], finish_reason=data.get("finish_reason"),
         usage=Usage(int(data.get("prompt_tokens", 0)), int(data.get("completion_tokens", 0))),
         model=data.get("model", ""), latency_s=0.0,
+        choices=tuple(Choice(text, finish, bool(rejected))
+                      for text, finish, rejected in data.get("choices") or ()),
     )

@@ -16,6 +16,7 @@ from datagen.redact import get_logger
 
 if TYPE_CHECKING:
     from datagen.llm.cache import ResponseCache
+    from datagen.seen import KeyIndex
 
 log = get_logger("datagen.llm")
 BACKOFF_BASE_S = 0.5
@@ -74,7 +75,9 @@ def estimate_tokens(request: ChatRequest) -> Estimate:
     text = request.prompt if request.prompt is not None else "".join(
         str(m.get("content", "")) for m in request.messages)
     budget = request.params.get("max_tokens") or request.params.get("max_completion_tokens")
-    return Estimate(len(text) // 4 + 4 * len(request.messages), int(budget or 256))
+    choices = request.params.get("n")  # n answers: n budgets, one prompt
+    choices = choices if isinstance(choices, int) and choices > 1 else 1
+    return Estimate(len(text) // 4 + 4 * len(request.messages), int(budget or 256) * choices)
 
 
 def backoff_delay(attempt: int) -> float:
@@ -93,6 +96,8 @@ class Caller:
     prices: tuple[float, float] | None = None  # dollars per input / output token
     lookup: bool = True  # False: nothing this run asks can be stored yet (a new run whose
     # answers are kept for its own resume only): answers are stored, never looked up
+    seen: KeyIndex | None = None  # batch mode, whose rounds replay answers: the requests
+    # this run answered or counted already (a replay is not a cache hit)
 
     async def call(self, request: ChatRequest, cache_key: str | None = None
                    ) -> tuple[Completion, int]:
@@ -104,7 +109,8 @@ class Caller:
         if self.cache is not None and cache_key is not None and self.lookup:
             hit = self.cache.get(cache_key)
             if hit is not None:
-                self.stats.cache_hits += 1
+                if self.seen is None or not self.seen.add(cache_key):
+                    self.stats.cache_hits += 1
                 return hit, 0
             self.stats.cache_misses += 1
         estimate = estimate_tokens(request) if self.throttle.counts_tokens else None
@@ -120,9 +126,20 @@ class Caller:
                 continue
             return self._answered(request, completion, estimate, cache_key), attempt
 
+    def cached(self, cache_key: str) -> Completion | None:
+        """The cache's answer to a request, or None; nothing is sent. (For samples of a
+        shared request of which some were done before a resume: the others' choices.)"""
+        if self.cache is None or not self.lookup:
+            return None
+        hit = self.cache.get(cache_key)
+        if hit is not None:
+            self.stats.cache_hits += 1
+        return hit
+
     async def _failed(self, err: CallError, attempt: int) -> None:
         """Count a failed attempt; raise it if it is final, else wait before the next."""
         self.stats.errors_by_kind[err.kind] += 1
+        self.throttle.limits.observe(err.rate_limits)
         if err.kind == "rate_limit":
             self.stats.rate_limited += 1
             self.throttle.rate_limited()
@@ -139,14 +156,17 @@ class Caller:
                   estimate: Estimate | None, cache_key: str | None) -> Completion:
         prefill = request.prefill
         if prefill:  # the record holds the whole answer: the prefill and its continuation
-            completion = _with_prefix(completion, prefill)
+            completion = with_prefill(completion, prefill)
         usage = completion.usage
+        self.throttle.limits.observe(completion.rate_limits)
         if estimate is not None:
             self.throttle.used_tokens(estimate, usage.prompt_tokens, usage.completion_tokens)
         if self.throttle.concurrency is not None:
             self.throttle.concurrency.succeeded()
         if self.cache is not None and cache_key is not None:
             self.cache.put(cache_key, completion)  # before parsing: never paid twice
+            if self.seen is not None:
+                self.seen.add(cache_key)
         self.stats.prompt_tokens += usage.prompt_tokens
         self.stats.completion_tokens += usage.completion_tokens
         if self.prices is None:
@@ -165,9 +185,13 @@ class Caller:
         return backoff_delay(attempt - 1)
 
 
-def _with_prefix(completion: Completion, prefill: str) -> Completion:
+def with_prefill(completion: Completion, prefill: str) -> Completion:
+    """The whole answer to a request that ended with the assistant's opening words: the
+    prefill and its continuation (as the record and the cache hold it)."""
     from dataclasses import replace
 
-    if completion.text.startswith(prefill):  # a server that echoes the prefill
-        return completion
-    return replace(completion, text=prefill + completion.text)
+    def whole(text: str) -> str:  # a server that echoes the prefill: as it is
+        return text if text.startswith(prefill) else prefill + text
+
+    choices = tuple(replace(c, text=whole(c.text)) for c in completion.choices)
+    return replace(completion, text=whole(completion.text), choices=choices)

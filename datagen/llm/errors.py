@@ -12,7 +12,8 @@ server_error       yes      exponential backoff with jitter (5xx, Anthropic's 52
 empty_response     yes      a 200 with no choices / no text
 malformed_response yes      a 200 whose body cannot be read: not JSON, a field of
                             the wrong type, a token count that is not a number
-bad_request        no       the item fails with the provider's message (400, 413, 422)
+bad_request        no       the item fails with the provider's message (400, 413, 422;
+                            any status whose body is a validation error of the request)
 context_window     no       the item fails: the prompt is too long for the model
 content_filter     no       the item fails: the provider refused the content
 auth               no       the run stops: invalid API key (401), no access (403), billing
@@ -27,6 +28,7 @@ them in its headers (a 429 usually does).
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -128,6 +130,22 @@ def kind_for_status(status: int | None) -> str:
     if 400 <= status < 500:
         return "bad_request"
     return "error"
+
+
+# What a server's validation of the request body says (pydantic, FastAPI): llama.cpp's
+# server answers a field it does not take with a 500 whose body is such an error
+_INVALID_REQUEST = re.compile(
+    r"\b\d+ validation errors?\b|Input should be |Extra inputs are not permitted|"
+    r"Field required|extra fields not permitted|\(['\"]body['\"], |\[['\"]body['\"], ")
+
+
+def invalid_request(kind: str, status: int | None, message: str) -> str:
+    """``bad_request`` for a 4xx/5xx whose message is a validation error of the request
+    (asking again cannot help), else ``kind``."""
+    if kind in ("server_error", "error") and status is not None and status >= 400 and \
+            _INVALID_REQUEST.search(message):
+        return "bad_request"
+    return kind
 
 
 def kind_for_error_type(name: object) -> str | None:

@@ -14,8 +14,9 @@ from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
-from datagen.llm.errors import CallError, kind_for_status, parse_retry_after
-from datagen.llm.types import ChatRequest, Completion, Usage
+from datagen.llm.errors import CallError, invalid_request, kind_for_status, parse_retry_after
+from datagen.llm.ratelimits import from_anthropic_headers, from_openai_headers
+from datagen.llm.types import ChatRequest, Choice, Completion, RateLimitInfo, Usage
 from datagen.redact import redact
 
 
@@ -46,8 +47,34 @@ def _headers_of(exc: BaseException) -> Any:
     return getattr(response, "headers", None)
 
 
+def rate_limits_of(headers: Any) -> RateLimitInfo | None:
+    """The limits a response's headers state, as litellm hands them on: OpenAI's
+    x-ratelimit-* as sent, other providers' behind ``llm_provider-``."""
+    if not headers:
+        return None
+    try:
+        plain = {str(k).lower().removeprefix("llm_provider-"): str(v)
+                 for k, v in dict(headers).items()}
+    except (TypeError, ValueError):
+        return None
+    return from_openai_headers(plain) or from_anthropic_headers(plain)
+
+
 _UNREADABLE = ("Invalid response object", "Empty or invalid response",
                "LiteLLM: provider returned")
+
+
+def _cause(exc: BaseException, message: str) -> str:
+    """What an exception was raised from, at the bottom of its chain, when that says more
+    than ``message`` (e.g. the connection refused, or a test cassette without the request)."""
+    root, seen = exc, 0
+    while seen < 20 and (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        seen += 1
+    text = str(root).strip()
+    if root is exc or not text or text in message:
+        return ""
+    return redact(f" (cause: {type(root).__name__}: {text[:2000]})")
 
 
 def classify(exc: BaseException) -> CallError:
@@ -56,7 +83,15 @@ def classify(exc: BaseException) -> CallError:
     message = redact(str(getattr(exc, "message", None) or exc) or type(exc).__name__)
     status = getattr(exc, "status_code", None)
     status = status if isinstance(status, int) else None
-    retry_after = parse_retry_after(_headers_of(exc))
+    headers = _headers_of(exc)
+    retry_after = parse_retry_after(headers)
+    error = _classified(litellm, exc, message, status, retry_after)
+    error.rate_limits = rate_limits_of(headers)
+    return error
+
+
+def _classified(litellm: ModuleType, exc: BaseException, message: str, status: int | None,
+                retry_after: float | None) -> CallError:
     checks: list[tuple[type[BaseException], str]] = [
         (litellm.ContextWindowExceededError, "context_window"),
         (litellm.ContentPolicyViolationError, "content_filter"),
@@ -76,19 +111,21 @@ def classify(exc: BaseException) -> CallError:
         # wrong type): the same kind the fast transports give it
         return CallError("malformed_response", message, status, retry_after)
     if "Connection error" in message or "Cannot connect to host" in message:
-        # litellm reports a refused or reset connection as an InternalServerError
-        return CallError("connection", message, status, retry_after)
+        # litellm reports a refused or reset connection as an InternalServerError, and
+        # the openai SDK's "Connection error." hides why: say what lies beneath it
+        return CallError("connection", message + _cause(exc, message), status, retry_after)
     for cls, kind in checks:
         if isinstance(exc, cls):
             if kind == "bad_request" and status is not None and status >= 500:
                 kind = "server_error"
-            return CallError(kind, message, status, retry_after)
+            return CallError(invalid_request(kind, status, message), message, status,
+                             retry_after)
     if isinstance(exc, TimeoutError):
         return CallError("timeout", message, status, retry_after)
     if isinstance(exc, (ConnectionError, OSError)):
         return CallError("connection", message, status, retry_after)
-    return CallError(kind_for_status(status), f"{type(exc).__name__}: {message}", status,
-                     retry_after)
+    return CallError(invalid_request(kind_for_status(status), status, message),
+                     f"{type(exc).__name__}: {message}", status, retry_after)
 
 
 def _dummy_key_needed(request: ChatRequest) -> bool:
@@ -99,27 +136,47 @@ def _dummy_key_needed(request: ChatRequest) -> bool:
     )
 
 
-def _to_completion(response: Any, latency: float) -> Completion:
-    choices = getattr(response, "choices", None) or []
-    if not choices:
-        raise CallError("empty_response", "the response has no choices")
-    choice = choices[0]
+def _choice(choice: Any) -> Choice:
+    """One of a response's choices (chat or text-completion shape); one without text is
+    marked rejected, as the fast transport marks it."""
     message = getattr(choice, "message", None)
     text = getattr(message, "content", None)
     if text is None:
         text = getattr(choice, "text", None)  # text-completion shape
-    if text is None:
+    return Choice(str(text or ""), getattr(choice, "finish_reason", None),
+                  rejected=text is None)
+
+
+def _index(choice: Any, choices: list[Any]) -> int:
+    index = getattr(choice, "index", None)
+    return index if isinstance(index, int) and not isinstance(index, bool) else \
+        choices.index(choice)
+
+
+def _to_completion(response: Any, latency: float) -> Completion:
+    choices = getattr(response, "choices", None) or []
+    if not choices:
+        raise CallError("empty_response", "the response has no choices")
+    if len(choices) > 1:  # in their index order, as the fast transport reads them
+        choices = sorted(choices, key=lambda c: _index(c, choices))
+    read = [_choice(choice) for choice in choices]
+    answered = [c for c in read if not c.rejected]
+    if not answered:
         raise CallError("empty_response", "the response has no text content")
     usage = getattr(response, "usage", None)
+    hidden = getattr(response, "_hidden_params", None)
+    headers = hidden.get("additional_headers") if isinstance(hidden, dict) else None
     return Completion(
-        text=text,
-        finish_reason=getattr(choice, "finish_reason", None),
+        text=answered[0].text,
+        finish_reason=answered[0].finish_reason,
         usage=Usage(
             prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
             completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
         ),
         model=str(getattr(response, "model", "") or ""),
         latency_s=latency,
+        rate_limits=rate_limits_of(headers),
+        choices=tuple(read) if len(read) > 1 else (),
     )
 
 
@@ -127,9 +184,15 @@ class LiteLLMTransport:
     """Sends a :class:`ChatRequest` through ``litellm.acompletion``."""
 
     name = "litellm"
+    prefill = ""  # how a chat ending with the assistant's turn is sent (runtime sets it)
 
     async def complete(self, request: ChatRequest) -> Completion:
         litellm = import_litellm()
+        prompt = request.prompt
+        if prompt is None and request.prefill is not None and self.prefill == "template":
+            from datagen.llm.local import template_prompt
+
+            prompt = template_prompt(request.model, list(request.messages))
         kwargs: dict[str, Any] = {
             "model": request.model,
             "messages": request.messages,
@@ -146,11 +209,15 @@ class LiteLLMTransport:
             kwargs["api_base"] = request.base_url
         if request.headers:
             kwargs["extra_headers"] = dict(request.headers)
+        if request.prefill is not None and self.prefill == "continue":
+            kwargs["extra_body"] = {**(kwargs.get("extra_body") or {}),
+                                    "continue_final_message": True,
+                                    "add_generation_prompt": False}
         started = time.perf_counter()
         try:
-            if request.prompt is not None:  # text completion: a base model, a plain prompt
+            if prompt is not None:  # text completion: a base model, a plain prompt
                 kwargs.pop("messages")
-                response = await litellm.atext_completion(prompt=request.prompt, **kwargs)
+                response = await litellm.atext_completion(prompt=prompt, **kwargs)
             else:
                 response = await litellm.acompletion(**kwargs)
         except CallError:

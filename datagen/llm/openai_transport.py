@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
-from datagen.llm.errors import CallError, kind_for_status, parse_retry_after
+from datagen.llm.errors import CallError, invalid_request, kind_for_status, parse_retry_after
 from datagen.llm.ratelimits import from_openai_headers
-from datagen.llm.types import ChatRequest, Completion, RateLimitInfo, Usage
+from datagen.llm.types import ChatRequest, Choice, Completion, RateLimitInfo, Usage
 from datagen.llm.wire import (
     field_of,
     join_url,
@@ -73,10 +73,10 @@ def _refine(kind: str, message: str, code: str | None) -> str:
     return kind
 
 
-def _classify(status: int, raw: bytes, headers: Any,
+def classify(status: int, raw: bytes, headers: Any,
               rate_limits: RateLimitInfo | None = None) -> CallError:
     message, code = _error_detail(raw)
-    kind = _refine(kind_for_status(status), message, code)
+    kind = _refine(invalid_request(kind_for_status(status), status, message), message, code)
     return CallError(kind, redact(f"{status}: {message}"), status, parse_retry_after(headers),
                      rate_limits)
 
@@ -124,35 +124,76 @@ def _text_of(content: Any) -> str | None:
 def parse_completion(raw: bytes, latency: float, rate_limits: RateLimitInfo | None = None
                      ) -> Completion:
     """A chat (or text) completion body -> :class:`Completion`; raises :class:`CallError`
-    (``malformed_response``, ``empty_response``, or the kind of an error in the body)."""
-    body = load_object(raw)
+    (``malformed_response``, ``empty_response``, or the kind of an error in the body).
+    Several choices (a request with ``n`` > 1) are all read, in their ``index`` order."""
+    return completion_of(load_object(raw), latency, rate_limits)
+
+
+def completion_of(body: dict[str, Any], latency: float,
+                  rate_limits: RateLimitInfo | None = None) -> Completion:
+    """:func:`parse_completion` of a body already decoded (a batch's result line)."""
     if body.get("choices") is None and body.get("error") is not None:
         raise _in_band_error(body["error"], rate_limits)
     choices = field_of(body, "choices", list, "")
     if not choices:
         raise CallError("empty_response", "the response has no choices", None, None,
                         rate_limits)
-    choice = choices[0]
-    if not isinstance(choice, dict):
-        raise malformed(f"choices[0] is a {type(choice).__name__}, not an object: "
-                        f"{preview(choice)}")
-    message = field_of(choice, "message", dict, "choices[0].") or {}
-    text = _text_of(message.get("content"))
-    if text is None:
-        text = field_of(choice, "text", str, "choices[0].")
-    if text is None:
+    read = sorted((_choice(choice, i) for i, choice in enumerate(choices)),
+                  key=lambda pair: pair[0])
+    answered = [c for _, c in read if not c.rejected]
+    if not answered:
         raise CallError("empty_response", "the response has no text content", None, None,
                         rate_limits)
     usage = field_of(body, "usage", dict, "") or {}
     model = body.get("model")
     return Completion(
-        text=text,
-        finish_reason=_finish_reason(choice.get("finish_reason")),
+        text=answered[0].text,
+        finish_reason=answered[0].finish_reason,
         usage=Usage(token_count(usage, "prompt_tokens"), token_count(usage, "completion_tokens")),
         model="" if model is None else str(model),
         latency_s=latency,
         rate_limits=rate_limits,
+        choices=tuple(c for _, c in read) if len(read) > 1 else (),
     )
+
+
+def build_body(request: ChatRequest, prefill: str = "") -> bytes:
+    """The JSON body of ``request`` for an OpenAI-compatible endpoint (chat, or text
+    completion when it has a prompt): what the fast transport POSTs, and what a batch's
+    request line carries. A chat ending with the assistant's turn (a prefill) goes as the
+    server continues one: ``prefill`` "template" (llama.cpp's server: the chat template
+    left open, as a prompt) or "continue" (vLLM, SGLang: their flags)."""
+    params = dict(request.params)
+    extra = params.pop("extra_body", None) or {}  # the openai SDK's way: merged in
+    model = request.model.split("/", 1)[1] if "/" in request.model else request.model
+    prompt = request.prompt
+    if prompt is None and request.prefill is not None:
+        if prefill == "template":
+            from datagen.llm.local import template_prompt
+
+            prompt = template_prompt(request.model, list(request.messages))
+        elif prefill == "continue":
+            extra = {**extra, "continue_final_message": True, "add_generation_prompt": False}
+    if prompt is not None:
+        return orjson.dumps({"model": model, "prompt": prompt, **params, **extra})
+    return orjson.dumps({"model": model, "messages": request.messages, **params, **extra})
+
+
+def _choice(choice: Any, i: int) -> tuple[int, Choice]:
+    """``choices[i]``: its index (its position when it states none) and its answer; one
+    without text is marked rejected (of several, the others are still good)."""
+    where = f"choices[{i}]"
+    if not isinstance(choice, dict):
+        raise malformed(f"{where} is a {type(choice).__name__}, not an object: "
+                        f"{preview(choice)}")
+    message = field_of(choice, "message", dict, f"{where}.") or {}
+    text = _text_of(message.get("content"))
+    if text is None:
+        text = field_of(choice, "text", str, f"{where}.")
+    index = choice.get("index")
+    position = index if isinstance(index, int) and not isinstance(index, bool) else i
+    finish = _finish_reason(choice.get("finish_reason"))
+    return position, Choice(text or "", finish, rejected=text is None)
 
 
 class OpenAITransport:
@@ -173,28 +214,27 @@ class OpenAITransport:
         self.pool_size = pool_size
         self._session: Any = None
         self.track_sends = False  # set when the endpoint has a rate window
+        self.prefill = ""  # how a chat ending with the assistant's turn is sent (runtime)
 
     def _open(self) -> Any:
         if self._session is None or self._session.closed:
             self._session = open_session(self.pool_size, self._headers, self.track_sends)
         return self._session
 
-    def _body(self, request: ChatRequest) -> bytes:
-        params = dict(request.params)
-        extra = params.pop("extra_body", None) or {}  # the openai SDK's way: merged in
-        model = request.model.split("/", 1)[1] if "/" in request.model else request.model
-        if request.prompt is not None:
-            return orjson.dumps({"model": model, "prompt": request.prompt, **params, **extra})
-        return orjson.dumps({"model": model, "messages": request.messages, **params, **extra})
+    def _body(self, request: ChatRequest) -> tuple[str, bytes]:
+        """The URL and the body of ``request``."""
+        as_text = request.prompt is not None or (request.prefill is not None
+                                                 and self.prefill == "template")
+        return (self.completions_url if as_text else self.url), build_body(request, self.prefill)
 
     async def complete(self, request: ChatRequest) -> Completion:
         session = self._open()
         started = time.perf_counter()
-        url = self.completions_url if request.prompt is not None else self.url
-        status, raw, headers = await post(session, url, self._body(request), request.timeout)
+        url, body = self._body(request)
+        status, raw, headers = await post(session, url, body, request.timeout)
         rate_limits = from_openai_headers(headers)
         if status != 200:
-            raise _classify(status, raw, headers, rate_limits)
+            raise classify(status, raw, headers, rate_limits)
         try:
             return parse_completion(raw, time.perf_counter() - started, rate_limits)
         except CallError as err:  # an unreadable 200 still said what the limits are

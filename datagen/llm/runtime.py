@@ -50,6 +50,81 @@ def transport_name(m: ModelConfig) -> str:
     return m.transport
 
 
+def prefill_mode(m: ModelConfig) -> str:
+    """How ``m`` continues a chat that ends with the assistant's opening words: "native"
+    (the provider does: Anthropic), "continue" (vLLM/SGLang's continue_final_message),
+    "template" (the chat template with the assistant's turn left open: the embedded model
+    and llama.cpp's server), or "" when it cannot."""
+    from datagen.llm.openai_transport import speaks_openai
+
+    if m.prefill != "auto":
+        return "" if m.prefill == "off" else m.prefill
+    if m.is_embedded() or (m.provider == "local" and m.base_url):
+        return "template"
+    if providers.registered(m) is not None or m.effective_provider() == "anthropic":
+        return "native"
+    if speaks_openai(m.effective_provider()) and m.base_url:
+        return "continue"
+    return ""
+
+
+def check_prefill(m: ModelConfig, step: str) -> None:
+    """Raise ConfigError, naming the model, when a prompt ending with the assistant's turn
+    cannot be sent to it."""
+    mode = prefill_mode(m)
+    if not mode:
+        raise ConfigError(
+            f"step '{step}': its prompt ends with the assistant's turn (a prefill), and "
+            f"model {m.model_string()} cannot continue one (model.prefill: "
+            f"{m.prefill}). Use a model that can (provider anthropic; a vLLM or SGLang "
+            "server: prefill: continue; the embedded model or llama.cpp: prefill: template),"
+            " set prefill: native if this server continues a final assistant message "
+            "itself, or end the prompt with the user's message.")
+    if mode == "template" and not m.is_embedded():
+        from datagen.llm.local import MODELS
+
+        name = m.model.removeprefix(f"{m.provider}/")
+        if name not in MODELS:
+            raise ConfigError(
+                f"step '{step}': a prefill through the chat template needs the model's "
+                f"template, and {name!r} is not a model datagen knows locally ("
+                f"{', '.join(MODELS)}): use prefill: continue if the server supports "
+                "continue_final_message, or prefill: native if it continues one itself.")
+
+
+def _no_choices(m: ModelConfig) -> str | None:
+    """Why ``m`` cannot answer one request with several choices (OpenAI's ``n``), or None
+    when it can (OpenAI; OpenAI-compatible servers and litellm providers that honour it)."""
+    name = transport_name(m)
+    if name == "anthropic" or m.effective_provider() == "anthropic":
+        return "Anthropic's API answers each request once (it has no n)"
+    if name not in ("openai", "litellm"):
+        what = "the embedded model" if m.is_embedded() else f"provider '{m.provider}'"
+        return f"{what} answers each request once, in this process"
+    return None
+
+
+def shares_samples(m: ModelConfig) -> bool:
+    """Whether the samples of one prompt share one request with ``n`` = samples
+    (model.samples_in_one_request; auto: only OpenAI's own API, where the prompt is then
+    billed once: llama.cpp's server and many others ignore or reject ``n``)."""
+    if m.samples_in_one_request == "auto":
+        return m.effective_provider() == "openai" and not m.base_url and \
+            _no_choices(m) is None
+    return bool(m.samples_in_one_request) and _no_choices(m) is None
+
+
+def check_samples_request(m: ModelConfig) -> None:
+    """Raise ConfigError, naming the model, for samples_in_one_request: true on a model
+    that cannot answer with several choices."""
+    why = _no_choices(m) if m.samples_in_one_request is True else None
+    if why is not None:
+        raise ConfigError(
+            f"model {m.model_string()}: samples_in_one_request is true, but {why}: its "
+            "samples cannot share one request. Set model.samples_in_one_request to auto "
+            "or false (each sample then asks on its own).")
+
+
 def make_transport(m: ModelConfig, concurrency: int) -> Transport:
     name = transport_name(m)
     plugin = providers.registered(m)
@@ -59,8 +134,10 @@ def make_transport(m: ModelConfig, concurrency: int) -> Transport:
     if name == "openai":
         from datagen.llm.openai_transport import OpenAITransport
 
-        return OpenAITransport(m.effective_provider(), m.base_url, api_key_of(m),
-                               pool_size=concurrency, headers=m.headers)
+        transport = OpenAITransport(m.effective_provider(), m.base_url, api_key_of(m),
+                                    pool_size=concurrency, headers=m.headers)
+        transport.prefill = prefill_mode(m)
+        return transport
     if name == "anthropic":
         from datagen.llm.anthropic_transport import AnthropicTransport
 
@@ -68,11 +145,15 @@ def make_transport(m: ModelConfig, concurrency: int) -> Transport:
                                   headers=m.headers)
     from datagen.llm.litellm_transport import LiteLLMTransport
 
-    return LiteLLMTransport()
+    litellm_transport = LiteLLMTransport()
+    litellm_transport.prefill = prefill_mode(m)
+    return litellm_transport
 
 
 def check_provider(m: ModelConfig) -> None:
-    """Raise ConfigError for a provider or local model that cannot serve requests."""
+    """Raise ConfigError for a provider or local model that cannot serve requests (or
+    cannot take the settings it was given)."""
+    check_samples_request(m)
     plugin = providers.registered(m)
     if plugin is not None:
         if plugin.check is not None:
@@ -93,21 +174,64 @@ def check_provider(m: ModelConfig) -> None:
         )
 
 
-def constraint_params(m: ModelConfig, extractor: Any, sampling: dict[str, Any]
-                      ) -> dict[str, Any]:
+def wants_constraint(m: ModelConfig) -> bool:
+    """Whether extractors' constraints go to this model (model.constrain_output; auto: the
+    local model needs it, embedded or served by llama.cpp, i.e. provider: local with a
+    base_url; other models follow format instructions on their own)."""
+    return m.provider == "local" if m.constrain_output is None else m.constrain_output
+
+
+def _constraint_of(extractor: Any, sampling: dict[str, Any], prefill: str | None = None
+                   ) -> dict[str, Any] | None:
+    """After a ``prefill`` (the assistant's opening words, when they are fixed text) the
+    constraint is for the continuation: only an extractor that knows how gives one."""
+    budget = sampling.get("max_tokens") or sampling.get("max_completion_tokens")
+    if prefill is not None:
+        after = getattr(extractor, "constraint_after", None)
+        return after(prefill, budget) if callable(after) else None
+    constraint = getattr(extractor, "constraint", None)
+    if not callable(constraint):
+        return None
+    params: dict[str, Any] | None = constraint(budget)
+    return params
+
+
+def constraint_params(m: ModelConfig, extractor: Any, sampling: dict[str, Any],
+                      prefill: str | None = None) -> dict[str, Any]:
     """The extractor's output constraint, for models that take one (model.constrain_output);
     never replaces a grammar or format the user set."""
-    # auto: the local model needs it, embedded or served by llama.cpp (provider: local
-    # with a base_url); other models follow format instructions on their own
-    wanted = m.provider == "local" if m.constrain_output is None else m.constrain_output
-    constraint = getattr(extractor, "constraint", None)
-    params = constraint(sampling.get("max_tokens") or sampling.get("max_completion_tokens")) \
-        if wanted and callable(constraint) else None
+    params = _constraint_of(extractor, sampling, prefill) if wants_constraint(m) else None
     if not params or any(k in sampling for k in ("grammar", "response_format")):
         return {}
     if "grammar" in params and not m.is_embedded():
         return {"extra_body": {"grammar": params["grammar"]}}  # llama.cpp server form
     return dict(params)
+
+
+def unsent_constraint(m: ModelConfig, extractor: Any, sampling: dict[str, Any]) -> str | None:
+    """The extractor's name when it has a constraint that a self-hosted server (a
+    base_url) could enforce but that is not sent (constrain_output off, no format of the
+    user's): the run's summary suggests constrain_output when its items fail extraction."""
+    if wants_constraint(m) or not m.base_url or m.provider == "anthropic" or any(
+            k in sampling for k in ("grammar", "response_format")):
+        return None
+    if _constraint_of(extractor, sampling) is None:
+        return None
+    return str(getattr(extractor, "name", None) or type(extractor).__name__)
+
+
+def server_params(m: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` in the form the model's server takes. A llama.cpp server (provider:
+    local with a base_url) takes a JSON schema as ``{type: json_object, schema: ...}``
+    and answers OpenAI's ``json_schema`` form with a 500: translated here, as the
+    embedded model translates it in process."""
+    fmt = params.get("response_format")
+    if m.provider == "local" and m.base_url and isinstance(fmt, dict) and \
+            fmt.get("type") == "json_schema":
+        from datagen.llm.local import json_object_form
+
+        return {**params, "response_format": json_object_form(fmt)}
+    return params
 
 
 def response_format_params(response_format: Any) -> dict[str, Any]:
@@ -129,6 +253,7 @@ def request_builder(m: ModelConfig, params: dict[str, Any]
                     ) -> Callable[[Messages | None, str | None], ChatRequest]:
     """(messages, prompt) -> ChatRequest, with everything else fixed once per run."""
     model, base_url, timeout = m.model_string(), m.base_url, m.timeout
+    params = server_params(m, params)
     provider, headers, key = m.effective_provider(), dict(m.headers), api_key_of(m)
 
     def build(messages: Messages | None, prompt: str | None = None) -> ChatRequest:

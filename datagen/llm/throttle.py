@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from datagen.llm.ratewindow import SENDING, RateWindow, Send, TokenBudget, mark_sent
+from datagen.llm.types import RateLimitInfo
 from datagen.redact import get_logger
 
 __all__ = ["SENDING", "AdaptiveConcurrency", "EndpointLimits", "RateSpec", "RateWindow",
@@ -124,6 +125,19 @@ class EndpointLimits:
                         reason, time.strftime("%H:%M:%S", time.localtime(time.time()
                                                                          + seconds)))
         return seconds
+
+    def observe(self, info: RateLimitInfo | None) -> None:
+        """A response's rate-limit headers (OpenAI's x-ratelimit-*, Anthropic's
+        anthropic-ratelimit-*): when one budget has nothing left, every worker waits for
+        its reset instead of collecting 429s."""
+        if info is None:
+            return
+        for kind in ("requests", "tokens", "input_tokens", "output_tokens"):
+            remaining = getattr(info, f"{kind}_remaining")
+            reset = getattr(info, f"{kind}_reset_s")
+            if remaining is not None and remaining <= 0 and reset:
+                self.pause(reset, f"the provider's headers: no {kind.replace('_', ' ')} "
+                                  "left until the limit resets")
 
     def paused_for(self) -> float:
         return max(0.0, self.paused_until - time.monotonic())

@@ -121,11 +121,24 @@ class RateLimitInfo:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """One of several answers to a request that asked for ``n`` > 1. ``rejected``: its
+    sample's extraction or validation refused it (kept in the cache so that the other
+    choices keep their usage shares; never handed out again)."""
+
+    text: str
+    finish_reason: str | None
+    rejected: bool = False
+
+
+@dataclass(frozen=True)
 class Completion:
     """A model's answer: its text, why it stopped, and what it cost in tokens.
 
     ``rate_limits``: the endpoint's limits as the response's headers stated them (None
-    when the transport does not read them or the provider sent none).
+    when the transport does not read them or the provider sent none). ``choices``: every
+    answer when the server returned more than one (a request with ``n`` > 1; ``text`` is
+    then the first's), else empty; ``usage`` is the whole request's.
     """
 
     text: str
@@ -134,3 +147,37 @@ class Completion:
     model: str
     latency_s: float = 0.0
     rate_limits: RateLimitInfo | None = None
+    choices: tuple[Choice, ...] = ()
+
+    @property
+    def choice_count(self) -> int:
+        return len(self.choices) or 1
+
+    def choice(self, i: int) -> Completion | None:
+        """Answer ``i`` as a completion of its own, with its share of the usage (see
+        :func:`usage_share`); None when the server returned fewer, or it was rejected."""
+        if not self.choices:
+            return self if i == 0 else None
+        if i >= len(self.choices) or self.choices[i].rejected:
+            return None
+        picked = self.choices[i]
+        return dataclasses.replace(self, text=picked.text, finish_reason=picked.finish_reason,
+                                   usage=usage_share(self.usage, self.choices, i),
+                                   rate_limits=None, choices=())
+
+
+def usage_share(usage: Usage, choices: tuple[Choice, ...], i: int) -> Usage:
+    """Choice ``i``'s part of a request's usage: the prompt, billed once, goes to choice 0;
+    the completion tokens (servers report only their total) are apportioned by the
+    length of each choice's text, the largest remainders rounded up, so the shares of
+    all the choices add up to the server's count exactly."""
+    weights = [len(c.text) for c in choices]
+    total = sum(weights)
+    if not total:
+        weights, total = [1] * len(choices), len(choices)
+    exact = [usage.completion_tokens * w / total for w in weights]
+    shares = [int(x) for x in exact]
+    short = usage.completion_tokens - sum(shares)
+    for j in sorted(range(len(exact)), key=lambda j: (shares[j] - exact[j], j))[:short]:
+        shares[j] += 1
+    return Usage(usage.prompt_tokens if i == 0 else 0, shares[i])

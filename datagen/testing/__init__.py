@@ -1,5 +1,5 @@
-"""Testing kit for pipelines: fake OpenAI-compatible and Anthropic servers on 127.0.0.1,
-an in-process fake model (``provider: fake``), and cassette record/replay (see
+"""Testing kit for pipelines: fake OpenAI-compatible, Anthropic and batch API servers on
+127.0.0.1, an in-process fake model (``provider: fake``), and cassette record/replay (see
 ``cassettes``).
 
 The pytest plugin (``datagen.testing.plugin``, registered as a pytest11 entry point) adds
@@ -16,5 +16,14 @@ from datagen.testing.fake_server import (
     echo_draft,
 )  # fmt: skip
 
-__all__ = ["FakeAnthropicServer", "FakeLLM", "FakeOpenAIServer", "FakeReply", "FaultPlan",
-           "completion_body", "echo_draft", "fake_llm"]
+__all__ = ["FakeAnthropicServer", "FakeBatchServer", "FakeLLM", "FakeOpenAIServer",
+           "FakeReply", "FaultPlan", "completion_body", "echo_draft", "fake_llm"]
+
+
+def __getattr__(name: str) -> object:
+    # lazy, so that ``python -m datagen.testing.fake_batch_server`` runs it only once
+    if name == "FakeBatchServer":
+        from datagen.testing.fake_batch_server import FakeBatchServer
+
+        return FakeBatchServer
+    raise AttributeError(f"module 'datagen.testing' has no attribute {name!r}")

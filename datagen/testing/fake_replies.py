@@ -1,7 +1,8 @@
 """What the fake servers answer with: a :class:`FakeReply` (status, body, headers, delay),
 the :class:`FaultPlan` that injects seeded faults (429, 500, 529, hangs, malformed, empty
 and truncated replies), and the pure helpers that build and read OpenAI-shaped bodies
-(``completion_body``, ``error_body``, ``echo_draft``, ``last_user_message``, ``body_hash``).
+(``completion_body``, ``choices_body``, ``error_body``, ``echo_draft``,
+``last_user_message``, ``body_hash``).
 No HTTP and no server state here; :mod:`datagen.testing.fake_server` re-exports every name.
 """
 
@@ -134,6 +135,26 @@ def completion_body(body: dict[str, Any], text: str, finish_reason: str = "stop"
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
+
+
+def choices_body(body: dict[str, Any], texts: list[str], finish_reason: str = "stop"
+                 ) -> dict[str, Any]:
+    """An OpenAI chat completion with one choice per text (a request with ``n``): the
+    prompt counted once in its usage, the completion tokens of every choice added up."""
+    reply = completion_body(body, texts[0], finish_reason)
+    reply["choices"] = [{"index": i, "finish_reason": finish_reason,
+                         "message": {"role": "assistant", "content": text}}
+                        for i, text in enumerate(texts)]
+    usage = reply["usage"]
+    usage["completion_tokens"] = sum(max(1, len(text.split())) for text in texts)
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return reply
+
+
+def choices_asked(body: dict[str, Any]) -> int:
+    """The ``n`` of a request body (1 when absent or not a whole number above 1)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
 
 def body_hash(body: dict[str, Any]) -> str:

@@ -10,6 +10,11 @@ alike::
     with FakeOpenAIServer(responder=lambda body: "<draft>hi</draft>") as server:
         pipeline = DataGenerationPipeline(base_url=server.base_url, ...)
 
+A request with ``n`` > 1 is answered with n choices, as OpenAI answers it: the responder
+is asked once per choice, its body view carrying ``choice_index`` (0, 1, ...), and the
+usage counts the prompt once. ``max_choices`` caps the choices returned, as servers that
+ignore ``n`` (llama.cpp's: ``max_choices=1``) or return fewer do.
+
 The replies, the fault plan and the body helpers live in
 :mod:`datagen.testing.fake_replies` and are importable from here too.
 
@@ -35,6 +40,8 @@ from datagen.testing.fake_replies import (
     FaultPlan,
     Responder,
     body_hash,
+    choices_asked,
+    choices_body,
     completion_body,
     echo_draft,
     error_body,
@@ -42,7 +49,8 @@ from datagen.testing.fake_replies import (
 )  # fmt: skip
 
 __all__ = ["FakeOpenAIServer", "FakeReply", "FaultPlan", "Responder", "body_hash",
-           "completion_body", "echo_draft", "error_body", "last_user_message", "main"]
+           "choices_body", "completion_body", "echo_draft", "error_body",
+           "last_user_message", "main"]
 
 
 class FakeOpenAIServer(ThreadedServer):
@@ -51,8 +59,9 @@ class FakeOpenAIServer(ThreadedServer):
     def __init__(self, responder: Responder | None = None, latency: float = 0.0,
                  host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
                  faults: FaultPlan | None = None, jitter: float = 0.0,
-                 keep_bodies: bool = True) -> None:
+                 keep_bodies: bool = True, max_choices: int | None = None) -> None:
         super().__init__(host, port)
+        self.max_choices = max_choices  # at most this many choices per reply (None: n)
         self.responder: Responder = responder or echo_draft
         self.latency = latency
         self.api_key = api_key  # when set, other keys get a 401
@@ -171,6 +180,11 @@ class FakeOpenAIServer(ThreadedServer):
         kind = self.faults.pick() if self.faults else None
         if kind is not None:
             return self.fault_reply(kind, body, lambda: str(self.responder(view)))
+        n = min(choices_asked(body), self.max_choices or choices_asked(body))
+        if choices_asked(body) > 1:
+            answers = [self.responder({**view, "choice_index": i}) for i in range(n)]
+            failed = next((a for a in answers if isinstance(a, FakeReply)), None)
+            return failed or FakeReply(body=choices_body(body, [str(a) for a in answers]))
         answer = self.responder(view)
         return answer if isinstance(answer, FakeReply) else FakeReply(
             body=self.reply_body(body, str(answer)))

@@ -4,9 +4,11 @@
     datagen run examples/factual_qa --set provider=openai --set model=gpt-4o-mini
 
 One chunk gives several questions (a one_to_many step); each question is answered from
-the chunk; the judge says PASS or FAIL, and a FAIL sends the answer back with the reason
-(up to judge_retries), then to the failures file. Only judged answers reach the results,
-which are exported as ShareGPT (question -> answer).
+the chunk; the judge reasons, then ends with "VERDICT: PASS" or "VERDICT: FAIL" (its
+grammar lets a small model reason and still end with a verdict), and a FAIL sends the
+answer back with the reason (up to judge_retries), then to the failures file. Only
+judged answers reach the results, which are exported as ShareGPT (question -> answer):
+`mapper` below is the conversation a record becomes, here and in `datagen export`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def build(pipeline: DataGenerationPipeline | None = None, judge_retries: int = 1
             .step("questions", prompt="questions.yaml", extract=extract.json(QUESTIONS_SCHEMA),
                   validate=lambda qs, item: bool(qs) or "no questions", one_to_many=True)
             .step("answer", prompt="answer.yaml", extract=extract.tag("answer"), model="large")
-            .step("judge", prompt="judge.yaml", extract=extract.choice("PASS", "FAIL"),
+            .step("judge", prompt="judge.yaml",
+                  extract=extract.choice("PASS", "FAIL", marker="VERDICT:"),
                   validate=lambda verdict, item: verdict == "PASS"
                   or "the answer is not supported by the text",
                   max_retries=judge_retries))
@@ -42,7 +45,8 @@ def data_pool(pipeline: DataGenerationPipeline, input_dir: str = "input",
                   cache_dir=HERE / ".datagen_chunks")
 
 
-def qa_pair(record: dict[str, Any]) -> list[dict[str, str]]:
+def mapper(record: dict[str, Any]) -> list[dict[str, str]]:
+    """question -> answer: the training pair a record becomes (`datagen export` uses it)."""
     steps = record["steps"]
     return [{"role": "user", "content": steps["questions"]["output"]},
             {"role": "assistant", "content": steps["answer"]["output"]}]
@@ -50,7 +54,7 @@ def qa_pair(record: dict[str, Any]) -> list[dict[str, str]]:
 
 def export(results: Path) -> Path:
     out = results.with_name(results.stem + "_sharegpt.jsonl")
-    to_sharegpt(results, out, mapper=qa_pair)
+    to_sharegpt(results, out, mapper=mapper)
     return out
 
 

@@ -44,9 +44,12 @@ def pair(record: dict[str, Any]) -> list[dict[str, str]]:
             {"role": "assistant", "content": original}]
 
 
+mapper = pair  # the conversation a record becomes, in export() and in `datagen export`
+
+
 def export(results: Path) -> Path:
     out = results.with_name(results.stem + "_sharegpt.jsonl")
-    to_sharegpt(results, out, mapper=pair)
+    to_sharegpt(results, out, mapper=mapper)
     return out
 
 
