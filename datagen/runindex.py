@@ -59,10 +59,16 @@ class DoneLog:
     written before them, so a kill can only lose a suffix of the entries (found again by
     the tail read). If a block cannot be written the index is deleted: a gap in the
     middle would hide records from the next resume.
+
+    ``begin``: this log starts the index (emptied on the first write): its entries
+    cover the files from their first line (a new run's, or a rebuild). Otherwise it only
+    appends to the index there; when there is none (removed after a failed write) it
+    writes nothing: entries for the last lines alone would pass for the whole run.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, begin: bool = False) -> None:
         self.path = path
+        self.begin = begin
         self._buffer = bytearray()
         self._fh: IO[bytes] | None = None
         self.broken = False
@@ -81,13 +87,28 @@ class DoneLog:
         if self.broken or not self._buffer:
             return
         try:
-            if self._fh is None:
-                self._fh = open(self.path, "ab")  # noqa: SIM115 - held open for the run
+            if self._fh is None and not self._open():
+                return
+            assert self._fh is not None
             self._fh.write(self._buffer)
             self._fh.flush()
         except OSError as exc:
             self._break(exc)
         self._buffer.clear()
+
+    def _open(self) -> bool:
+        """Open the index to write; False (and broken) when there is none to append to."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if self.begin
+                                                   else os.O_APPEND))
+        except FileNotFoundError:
+            log.info("%s is gone (it could not be written before): the next resume reads "
+                     "the run's files whole", self.path.name)
+            self.broken = True
+            self._buffer.clear()
+            return False
+        self._fh = os.fdopen(fd, "wb")
+        return True
 
     def _break(self, exc: OSError) -> None:
         log.warning("%s could not be written (%s): it is removed, and the next resume "
@@ -102,6 +123,11 @@ class DoneLog:
 
     def close(self) -> None:
         self.flush()
+        try:
+            if self.begin and self._fh is None and not self.broken:
+                self._open()  # no entry (empty files): an empty index, to append to
+        except OSError as exc:
+            self._break(exc)
         if self._fh is not None:
             with contextlib.suppress(OSError):
                 self._fh.close()
@@ -126,16 +152,17 @@ def read_done(results: Path, dropped: Path, key_of: Callable[[bytes], str | None
     index = done_path(results)
     files = {RESULTS: results, DROPPED: dropped}
     found = _read_entries(index)
-    if found is not None and not _fits(found[2], files):
-        log.warning("%s does not match the run's files (edited since?): reading them whole",
-                    index.name)
+    if found is not None and not _fits(found, files, key_of):
+        log.warning("%s does not match the run's files (edited since, or another run's?): "
+                    "reading them whole", index.name)
         found = None
+    rebuilt = found is None
     if found is None:
         with contextlib.suppress(OSError):
             index.unlink(missing_ok=True)
-        found = KeyIndex(), 0, {RESULTS: 0, DROPPED: 0}
-    keys, records, covered = found
-    appended = DoneLog(index)
+        found = _Entries(KeyIndex(), 0, {RESULTS: 0, DROPPED: 0}, [])
+    keys, records, covered = found.keys, found.records, found.covered
+    appended = DoneLog(index, begin=rebuilt)
     bad = 0
     for tag, path in files.items():
         for key, end in _lines_after(path, covered[tag], key_of):
@@ -156,10 +183,21 @@ def read_done(results: Path, dropped: Path, key_of: Callable[[bytes], str | None
 _BLOCK = ENTRY.size * 65536
 
 
-def _read_entries(index: Path) -> tuple[KeyIndex, int, dict[int, int]] | None:
-    """(the keys, the records of the results file, where each file's indexed lines end),
-    or None when there is no index or it is not one this module wrote. A partial last
-    entry (a kill mid-write) is cut, so entries appended later stay aligned."""
+@dataclass
+class _Entries:
+    """What a done index holds: the keys, the records of the results file, where each
+    file's indexed lines end, and (tag, digest, end) of each file's first and last."""
+
+    keys: KeyIndex
+    records: int
+    covered: dict[int, int]
+    probes: list[tuple[int, int, int]]
+
+
+def _read_entries(index: Path) -> _Entries | None:
+    """The index's entries, or None when there is no index or it is not one this module
+    wrote. A partial last entry (a kill mid-write) is cut, so entries appended later
+    stay aligned."""
     try:
         fh = open(index, "rb+")  # noqa: SIM115 - closed below
     except FileNotFoundError:
@@ -174,13 +212,16 @@ def _read_entries(index: Path) -> tuple[KeyIndex, int, dict[int, int]] | None:
             fh.truncate(whole)
         keys = KeyIndex(capacity=whole // ENTRY.size)
         covered = {RESULTS: 0, DROPPED: 0}
+        firsts: dict[int, tuple[int, int, int]] = {}
+        lasts: dict[int, tuple[int, int, int]] = {}
         records = 0
         while block := fh.read(min(_BLOCK, whole - fh.tell())):
             words = array("Q", block)
             if sys.byteorder != "little":
                 words.byteswap()
             last = covered.copy()
-            for where in words[1::2]:
+            wheres = words[1::2]
+            for where in wheres:
                 tag = where >> 62
                 if tag == RESULTS:
                     records += 1
@@ -190,29 +231,57 @@ def _read_entries(index: Path) -> tuple[KeyIndex, int, dict[int, int]] | None:
                 if end <= last[tag]:
                     return None  # entries of one file only move forward
                 last[tag] = end
+            for tag in (RESULTS, DROPPED):
+                if tag not in firsts and last[tag]:
+                    n = next(n for n, where in enumerate(wheres) if where >> 62 == tag)
+                    firsts[tag] = (tag, words[2 * n], wheres[n] & _OFFSET_MASK)
+                if last[tag] != covered[tag]:  # this file's last entry so far
+                    n = wheres.index(tag << 62 | last[tag])
+                    lasts[tag] = (tag, words[2 * n], last[tag])
             covered = last
             keys.add_digests(words[0::2])
-    return keys, records, covered
+    return _Entries(keys, records, covered, [*firsts.values(), *lasts.values()])
 
 
-def _fits(covered: dict[int, int], files: dict[int, Path]) -> bool:
-    """Whether every file still holds the lines the index covers: as long, and a line
-    ending where the index says the last one does."""
-    for tag, end in covered.items():
+def _fits(found: _Entries, files: dict[int, Path],
+          key_of: Callable[[bytes], str | None]) -> bool:
+    """Whether the files still hold the lines the index covers: each as long, and the
+    first and last line it lists for each file ending where it says, with the key it
+    says. (A line removed or added by hand moves the lines after it, and an index copied
+    from another run lists other keys.)"""
+    for tag, end in found.covered.items():
         path = files[tag]
         size = path.stat().st_size if path.exists() else 0
-        if end > size or (end and not _ends_a_line(path, end)):
+        if end > size:
+            return False
+    for tag, digest, end in found.probes:
+        line = _line_ending_at(files[tag], end)
+        key = key_of(line) if line is not None else None
+        if key is None or key_digest(key) != digest:
             return False
     return True
 
 
-def _ends_a_line(path: Path, end: int) -> bool:
+def _line_ending_at(path: Path, end: int) -> bytes | None:
+    """The whole line of ``path`` that ends (with its newline) at offset ``end``, or None
+    when no line ends there."""
     try:
         with open(path, "rb") as fh:
             fh.seek(end - 1)
-            return fh.read(1) == b"\n"
+            if fh.read(1) != b"\n":
+                return None
+            start, tail = end - 1, b""
+            while start > 0:
+                begin = max(0, start - 65536)
+                fh.seek(begin)
+                chunk = fh.read(start - begin)
+                cut = chunk.rfind(b"\n")
+                if cut >= 0:
+                    return chunk[cut + 1:] + tail + b"\n"
+                tail, start = chunk + tail, begin
+            return tail + b"\n"
     except OSError:
-        return False
+        return None
 
 
 def _lines_after(path: Path, start: int, key_of: Callable[[bytes], str | None]

@@ -106,9 +106,10 @@ class SeenSet:
 
 def key_digest(key: str) -> int:
     """A key's 64-bit fingerprint, the same in every process (a run's index on disk holds
-    them). An item's plain key is already a blake2b hash in hex (32 digits): its first 16
-    digits are the fingerprint; any other key is hashed (blake2b, 8 bytes)."""
-    if len(key) == 32:
+    them). An item's plain key (32 hex digits, blake2b) and a cache key (64, sha256) are
+    hashes already: their first 16 digits are the fingerprint; any other key is hashed
+    (blake2b, 8 bytes)."""
+    if len(key) == 32 or len(key) == 64:
         try:
             return int(key[:16], 16)
         except ValueError:

@@ -79,9 +79,13 @@ class Failure:
 def indexed_sinks(files: RunFiles, fsync: float, fence: Fence | None = None
                   ) -> tuple[DoneLog, JsonlSink, JsonlSink]:
     """The done index, and the results and dropped files, each line written told to it
-    (resume of a million records reads 16 MB, not the records). With a ``fence`` (a
-    cluster shard's lease) every append happens inside it."""
-    done_log = DoneLog(done_path(files.results))
+    (resume of a million records reads 16 MB, not the records). The index is begun
+    afresh when both files are empty (a new run); otherwise it is appended to, as the
+    resume left it complete (or removed). With a ``fence`` (a cluster shard's lease)
+    every append happens inside it."""
+    empty = all(not path.exists() or path.stat().st_size == 0
+                for path in (files.results, files.dropped))
+    done_log = DoneLog(done_path(files.results), begin=empty)
     return (done_log,
             JsonlSink(files.results, fsync, lambda key, end: done_log.add(key, RESULTS, end),
                       fence=fence),

@@ -15,6 +15,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -60,7 +61,13 @@ class ChatRequest:
 
 def identity_fields() -> list[str]:
     """The names of the fields that make up a request's identity."""
-    return [f.name for f in dataclasses.fields(ChatRequest) if f.metadata.get("identity", True)]
+    return list(_identity_fields())
+
+
+@lru_cache(maxsize=1)
+def _identity_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(ChatRequest)
+                 if f.metadata.get("identity", True))
 
 
 def _identity_value(name: str, value: Any) -> Any:
@@ -71,9 +78,10 @@ def _identity_value(name: str, value: Any) -> Any:
 
 def request_identity(request: ChatRequest, salt: str = "") -> str:
     """A hash of the canonical request as sent, minus credentials, plus ``salt``."""
-    canonical = {name: _identity_value(name, getattr(request, name))
-                 for name in identity_fields()}
-    canonical["mode"] = request.mode
+    canonical = {name: getattr(request, name) for name in _identity_fields()}
+    if request.headers:
+        canonical["headers"] = _identity_value("headers", request.headers)
+    canonical["mode"] = "chat" if request.prompt is None else "completion"
     canonical["salt"] = salt
     payload = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
                            default=repr)
