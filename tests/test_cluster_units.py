@@ -27,8 +27,9 @@ from datagen.lease import ShardLease, StaleAttempt, read_epoch
 from datagen.llm.cluster import ClusterEndpoints, ClusterLimits
 from datagen.llm.clusterbudget import ClusterBudget, Concurrency, SlotLog
 from datagen.llm.throttle import RateSpec, Throttle, endpoint_limits, limits_from
-from datagen.pool import ItemSource, Pool, open_pool, plain_item, to_item
+from datagen.pool import Pool, open_pool, plain_item, to_item
 from datagen.shards import ShardLayout, ShardRun, shard_items, shard_of, spill
+from datagen.source import ItemSource
 from datagen.store import JsonlSink, RunFiles
 from datagen.testing import FakeOpenAIServer
 

@@ -33,12 +33,12 @@ else:
     ray = pytest.importorskip("ray", reason='the ray extra is not installed: pip install '
                                             '"datagen[ray]" to run the cluster tests')
 
-from datagen import DataGenerationPipeline  # noqa: E402
-from datagen.errors import ConfigError  # noqa: E402
-from datagen.executors.ray import RayExecutor  # noqa: E402
-from datagen.lease import read_epoch  # noqa: E402
-from datagen.testing import FakeOpenAIServer, FakeReply  # noqa: E402
-from datagen.testing.ray_cluster import LocalRayCluster  # noqa: E402
+from datagen import DataGenerationPipeline
+from datagen.errors import ConfigError
+from datagen.executors.ray import RayExecutor
+from datagen.lease import read_epoch
+from datagen.testing import FakeOpenAIServer, FakeReply
+from datagen.testing.ray_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
