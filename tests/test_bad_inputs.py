@@ -356,6 +356,11 @@ def _local_resumed_on_cluster(c: Case) -> str:
     return message
 
 
+def _batch_on_cluster(c: Case) -> str:
+    _needs_ray()
+    return error_of(lambda: c.pipe(batch=True).run_sync(make_pool(1), executor="ray"))
+
+
 def _shards_zero(c: Case) -> str:
     _needs_ray()
     from datagen.executors.ray import RayExecutor
@@ -541,6 +546,7 @@ CASES: dict[str, Callable[[Case], str]] = {
     "a cluster run resumed in one process": _cluster_resumed_locally,
     "a one-process run resumed on a cluster": _local_resumed_on_cluster,
     "`shards` below 1": _shards_zero,
+    "batch mode on a cluster": _batch_on_cluster,
     "`--address` or `--shards` without `--executor ray`": lambda c: _cli(
         c, "run", "--shards", "4"),
     "a pipeline's own setting without `params.`": lambda c: error_of(
