@@ -26,6 +26,28 @@ log = get_logger("datagen.engine")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def on_stop_signals(handler: Callable[[int], None]) -> Callable[[], None]:
+    """Call ``handler(sig)`` on Ctrl+C or SIGTERM while the running loop runs (only in
+    the main thread, where the loop can take signals); returns the function that undoes
+    it."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(sig, handler, sig)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not on this loop
+            continue
+
+    def restore() -> None:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+    return restore
+
+
 class WorkerPool:
     def __init__(self, source: ItemSource, process: Callable[[PoolItem], Awaitable[None]],
                  concurrency: int, done: KeyIndex, shutdown_timeout: float,
@@ -83,22 +105,7 @@ class WorkerPool:
     # ---- signals ---------------------------------------------------------------------
 
     def _install_signals(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in STOP_SIGNALS:
-            try:
-                loop.add_signal_handler(sig, self._on_signal, sig)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):  # not on this loop
-                continue
-
-        def restore() -> None:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-
-        return restore
+        return on_stop_signals(self._on_signal)
 
     def _on_signal(self, sig: int) -> None:
         self.interrupts += 1

@@ -29,6 +29,7 @@ from datagen.batch.summary import section
 from datagen.batch.target import BatchPlan, BatchTarget
 from datagen.engine import EngineRun
 from datagen.engine.job import Job
+from datagen.engine.workers import on_stop_signals
 from datagen.errors import DatagenError
 from datagen.executors.batch_round import BatchCollector, Finished, failures_on_file
 from datagen.llm.caller import CallStats
@@ -161,9 +162,6 @@ class BatchRun:
         return True
 
     def _signals(self, stop: asyncio.Event) -> Callable[[], None]:
-        loop = asyncio.get_running_loop()
-        installed = []
-
         def on_signal(sig: int) -> None:
             self.engine.interrupts += 1
             self.engine.signal = sig
@@ -171,18 +169,7 @@ class BatchRun:
                         "provider; --resume collects them)", signal.Signals(sig).name)
             stop.set()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, on_signal, sig)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                continue
-
-        def restore() -> None:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-
-        return restore
+        return on_stop_signals(on_signal)
 
     # ---- hooks of the flow ---------------------------------------------------------------
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from datagen.engine.workers import on_stop_signals
 from datagen.executors import ray_runtime as rt
 from datagen.executors.ray_plan import ShardPlan
 from datagen.redact import get_logger
@@ -92,22 +92,7 @@ class ShardTasks:
     # ---- signals ---------------------------------------------------------------------
 
     def install_signals(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, self._on_signal, sig)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                continue
-
-        def restore() -> None:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-
-        return restore
+        return on_stop_signals(self._on_signal)
 
     def _on_signal(self, sig: int) -> None:
         self.interrupts += 1
