@@ -27,7 +27,7 @@ from datagen.config.schema import MAX_CONCURRENCY
 from datagen.engine.job import Job, RunOptions
 from datagen.errors import ConfigError
 from datagen.llm import runtime
-from datagen.llm.cache import ResponseCache
+from datagen.llm.cache import ResponseCache, cache_family
 from datagen.manifest import check_resume, read_manifest
 from datagen.plan import Plan
 from datagen.pool import Pool, checked_items, open_pool
@@ -179,8 +179,8 @@ def prepare(settings: Settings, plan: Plan, data_pool: Any, *, concurrency: int 
     try:
         if batch_plan is None:
             refuse_open_batches(opened.files)
-        cache = ResponseCache(run.cache_path or Path(settings.output_data.output_dir)
-                              / CACHE_FILE)
+        cache_file = run.cache_path or Path(settings.output_data.output_dir) / CACHE_FILE
+        cache = ResponseCache(cache_file, cache_family(Path(cache_file)) if run.cache else ())
         callers = {name: runtime.make_caller(settings.named_model(name),
                                              options.concurrency, cache)
                    for name in plan.model_names}
@@ -242,7 +242,7 @@ def prepare_shard(settings: Settings, plan: Plan, options: RunOptions,
         repair_torn_tail(path)
     index = read_done(files.results, files.dropped, key_of)
     failure_keys_since(files.failures, shard.failures_from, index.keys)
-    cache = ResponseCache(shard.cache)
+    cache = ResponseCache(shard.cache, shard.cache_family if settings.run.cache else ())
     callers = {name: runtime.make_caller(settings.named_model(name), shard.concurrency, cache)
                for name in plan.model_names}
     if not settings.run.cache and epoch == 1 and not index.records:

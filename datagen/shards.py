@@ -86,6 +86,9 @@ class ShardRun:
     concurrency: int
     failures_from: int = 0  # bytes of its failures file from earlier runs: later lines are
     # this run's, and a retried attempt does not try those items again
+    cache_family: tuple[Path, ...] = ()  # caches it reads when its own misses: the
+    # configured one and the shard caches of other shard counts (never this run's: those
+    # have writers on other nodes)
 
 
 def cache_path(configured: Path, index: int, count: int) -> Path:

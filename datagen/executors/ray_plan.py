@@ -17,6 +17,7 @@ import orjson
 from datagen.engine.job import Job
 from datagen.errors import ConfigError
 from datagen.lease import ShardLease, read_epoch
+from datagen.llm.cache import cache_family
 from datagen.redact import get_logger
 from datagen.shards import ShardLayout, ShardRun, cache_path, file_digest, spill
 from datagen.store import repair_torn_tail, write_json
@@ -128,10 +129,13 @@ class ShardPlan:
         source = self.layout.input(i) if self.spilled else Path(job.source.pool.source)
         configured = job.cache.path if job.cache is not None else \
             job.files.results.with_name(".datagen_cache.sqlite")
+        mine = f"-of-{self.count}{configured.suffix}"
+        family = tuple(path for path in cache_family(configured)
+                       if not path.name.endswith(mine))
         return ShardRun(index=i, count=self.count, files=self.layout.part(i),
                         lease=self.layout.lease(i), source=source, spilled=self.spilled,
                         cache=cache_path(configured, i, self.count), concurrency=concurrency,
-                        failures_from=self.offsets[i])
+                        failures_from=self.offsets[i], cache_family=family)
 
     def finished(self, i: int, epoch: int, clean: bool) -> None:
         """Shard ``i`` completed (``clean``: no item of it failed in this run, so a

@@ -22,6 +22,13 @@ repeated in one pool and ``samples=N`` are told apart automatically. The answer 
 request for several choices (``n``, samples sharing one request) is stored whole, every
 choice with it; a sample whose choice was rejected marks only its own
 (:meth:`ResponseCache.reject_choice`).
+
+A cluster run caches in one file per shard and shard count (one writer per file). So that
+no answer is paid twice when the count changes, or a run alternates between one process
+and a cluster, a cache also reads its family (:func:`cache_family`: the configured file
+and every shard file of another count) when it misses: a hit there is copied into its own
+file. A rejected answer is then kept as a tombstone rather than deleted, so the family's
+copy of it is not served again.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import contextlib
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +59,8 @@ CREATE TABLE IF NOT EXISTS responses (
 )
 """
 _DELETE = None  # a pending value that means "remove this key"
+_TOMBSTONE = b"-"  # a rejected answer, with a family to read: their copy is not served
+_REJECTED = object()
 COMMIT_DELAY_S = 0.005
 COMMIT_BATCH = 2048
 # pages the WAL may hold before it is copied into the file (SQLite's default: 1000): the
@@ -63,7 +73,8 @@ class ResponseCache:
     """A small key -> completion store. Safe to share between runs and processes (one
     instance per run and event loop)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, family: Sequence[Path] = ()) -> None:
+        """``family``: other caches of the same answers, read when this one misses."""
         self.path = Path(path)
         self._lock = threading.Lock()
         self._pending: dict[str, bytes | None] = {}  # given, not yet committed
@@ -84,6 +95,13 @@ class ResponseCache:
                 "a writable file."
             ) from None
         threading.Thread(target=self._load_keys, name="datagen-cache-keys", daemon=True).start()
+        self._family: list[ResponseCache] = []
+        for other in family:
+            try:
+                if other.resolve() != self.path.resolve() and other.is_file():
+                    self._family.append(ResponseCache(other))
+            except (OutputError, OSError) as exc:
+                log.warning("the response cache %s is not read: %s", other, exc)
 
     def _load_keys(self) -> None:
         index = KeyIndex()
@@ -110,11 +128,22 @@ class ResponseCache:
         return db
 
     def get(self, key: str) -> Completion | None:
+        found = self._lookup(key)
+        if found is None and self._family:
+            for other in self._family:
+                hit = other._lookup(key)
+                if isinstance(hit, Completion):
+                    self.put(key, hit)  # this file holds it now: a resume finds it here
+                    return hit
+        return found if isinstance(found, Completion) else None
+
+    def _lookup(self, key: str) -> Any:
+        """This file's answer, None, or _REJECTED (a tombstone)."""
         self._raise_error()
         with self._lock:
             if key in self._pending:
                 value = self._pending[key]
-                return None if value is _DELETE else _decode(value)
+                return None if value is _DELETE else _value(value)
             if self._known is not None and key not in self._known:
                 return None
             try:
@@ -122,7 +151,7 @@ class ResponseCache:
                                        (key,)).fetchone()
             except sqlite3.Error as exc:
                 raise self._error("read", exc) from None
-        return None if row is None else _decode(row[0])
+        return None if row is None else _value(row[0])
 
     def put(self, key: str, completion: Completion) -> None:
         self._raise_error()
@@ -150,7 +179,11 @@ class ResponseCache:
         """Forget an answer that extraction or validation rejected: asking again must get
         a new one, not this one replayed."""
         with self._lock:
-            self._pending[key] = _DELETE
+            self._pending[key] = _TOMBSTONE if self._family else _DELETE
+            if self._family and self._known is not None:
+                self._known.add(key)
+            elif self._family and self._since_load is not None:
+                self._since_load.add(key)
         self._soon()
 
     def _soon(self) -> None:
@@ -222,6 +255,22 @@ class ResponseCache:
         finally:
             with self._lock:
                 self._db.close()
+            for other in self._family:
+                with contextlib.suppress(OutputError):
+                    other.close()
+
+
+def cache_family(configured: Path) -> list[Path]:
+    """The response caches of one configured cache file: the file itself and every cluster
+    shard's (``<stem>.shard-<i>-of-<n><suffix>``: see :func:`datagen.shards.cache_path`)."""
+    import glob
+
+    pattern = f"{glob.escape(configured.stem)}.shard-*-of-*{glob.escape(configured.suffix)}"
+    return [configured, *sorted(configured.parent.glob(pattern))]
+
+
+def _value(raw: Any) -> Any:
+    return _REJECTED if raw == _TOMBSTONE else _decode(raw)
 
 
 def _encode(completion: Completion) -> dict[str, Any]:
