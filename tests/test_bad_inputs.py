@@ -361,6 +361,16 @@ def _batch_on_cluster(c: Case) -> str:
     return error_of(lambda: c.pipe(batch=True).run_sync(make_pool(1), executor="ray"))
 
 
+def _no_cluster(c: Case) -> str:
+    _needs_ray()
+    from datagen.executors.ray import RayExecutor
+
+    message = error_of(lambda: c.pipe().run_sync(
+        make_pool(1), executor=RayExecutor(address="127.0.0.9:1")))
+    assert not [p for p in (c.tmp / "output").iterdir() if not p.name.startswith(".")]
+    return message
+
+
 def _shards_zero(c: Case) -> str:
     _needs_ray()
     from datagen.executors.ray import RayExecutor
@@ -547,6 +557,7 @@ CASES: dict[str, Callable[[Case], str]] = {
     "a one-process run resumed on a cluster": _local_resumed_on_cluster,
     "`shards` below 1": _shards_zero,
     "batch mode on a cluster": _batch_on_cluster,
+    "`--address` where no cluster answers": _no_cluster,
     "`--address` or `--shards` without `--executor ray`": lambda c: _cli(
         c, "run", "--shards", "4"),
     "a pipeline's own setting without `params.`": lambda c: error_of(

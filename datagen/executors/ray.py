@@ -61,8 +61,27 @@ class RayExecutor:
     async def __call__(self, job: Job) -> RunResult:
         from datagen.executors.ray_driver import ClusterRun
 
+        started = False
         try:
+            cluster_run = ClusterRun(job, self)
+            cluster_run.attach()
+            started = True
             with RunLog(job.files.log):
-                return await ClusterRun(job, self).run()
+                return await cluster_run.run()
         finally:
             await close_job(job)
+            if not started:
+                discard_unstarted(job)
+
+
+def discard_unstarted(job: Job) -> None:
+    """A new run that could not start (no cluster to reach): its files are removed, so
+    it leaves nothing half-made behind (an empty results file that --resume would pick
+    as the newest run)."""
+    if job.resumed or len(job.done):
+        return
+    files = job.files
+    if files.results.exists() and files.results.stat().st_size == 0 and \
+            not files.manifest.exists():
+        for path in (files.results, files.lock, files.log):
+            path.unlink(missing_ok=True)

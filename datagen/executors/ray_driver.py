@@ -48,13 +48,16 @@ class ClusterRun:
         self.nodes: list[str] = []
         self.view = LiveView(job)
 
-    async def run(self) -> RunResult:
-        job, plan = self.job, self.plan
-        if job.make_shard is None:
+    def attach(self) -> None:
+        """Before anything is written: the run may go to a cluster, which is reachable."""
+        if self.job.make_shard is None:
             raise ConfigError("this job cannot run on a cluster: it was not made by "
                               "pipeline.prepare() (it has no make_shard)")
-        plan.check()
+        self.plan.check()
         rt.connect(self.ex.address, self.ex.init)
+
+    async def run(self) -> RunResult:
+        job, plan = self.job, self.plan
         plan.open(rt.cluster_cpus())
         self.nodes = rt.check_shared_folder(plan.layout.folder, plan.shared_files())
         await plan.prepare_inputs()

@@ -26,6 +26,7 @@ def connect(address: str | None, init: dict[str, Any]) -> None:
     """Attach this process to the cluster (unless it is attached already)."""
     if ray.is_initialized():
         return
+    _probe(address)
     try:
         ray.init(address=address, **{"namespace": "datagen", "log_to_driver": False,
                                      **init})
@@ -34,6 +35,28 @@ def connect(address: str | None, init: dict[str, Any]) -> None:
             f"cannot reach a Ray cluster at {address or 'the default address'}: {exc}. "
             "Start one (`ray start --head` on this machine, `ray up` on a cloud), then "
             "pass its address (--address auto, or host:port)") from None
+
+
+def _probe(address: str | None, timeout: float = 5.0) -> None:
+    """A host:port that nothing answers is an error within ``timeout``: ray.init would
+    retry it for many minutes (measured: still waiting after 10). "auto", None and
+    ray:// addresses are left to Ray, which fails at once when it finds no cluster."""
+    import socket
+
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except ValueError:
+        raise ConfigError(f"--address {address!r} is not host:port, 'auto' or "
+                          "ray://host:port") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}. Start one "
+            "(`ray start --head` on this machine, `ray up` on a cloud), then pass its "
+            "address (--address auto, or host:port)") from None
 
 
 def attempt_number() -> int:
