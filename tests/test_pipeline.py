@@ -361,6 +361,25 @@ async def test_rate_limit_holds_in_every_second_at_the_server(project: Path,
     assert server.max_in_window(1.0) <= 20
 
 
+@pytest.mark.parametrize("transport", ["openai", "litellm"])
+async def test_the_rate_window_counts_each_request_from_when_it_was_written(
+        project: Path, server: FakeOpenAIServer, transport: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the window's grant and the request on the wire a transport spends its own
+    CPU (litellm: milliseconds, tens under load): counted from the grant, the server saw
+    101 in one second at a cap of 100. Every transport must report the write."""
+    from datagen.llm import ratewindow
+
+    written: list[float] = []
+    real = ratewindow.Send.sent
+    monkeypatch.setattr(ratewindow.Send, "sent",
+                        lambda self, at: (written.append(at), real(self, at))[1])
+    p = pipeline(project, server, rate_limit=50, transport=transport)
+    await p.run(make_pool(12), concurrency_limit=4)
+    assert server.request_count == 12
+    assert len(written) >= 12  # one report per request (and the first one's answer)
+
+
 async def test_manifest_and_log(project: Path, server: FakeOpenAIServer) -> None:
     p = pipeline(project, server, api_key="sk-manifest-secret-99")
     results = await p.run(make_pool(4), extract_function=extract.tag("draft"))
