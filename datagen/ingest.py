@@ -45,7 +45,8 @@ class IngestError(DatagenError):
 
 @dataclass(frozen=True)
 class Document:
-    source: str  # the path, plus "#n" for the n-th text of a JSON(L) file
+    source: str  # the path (below the folder read), plus "#n" for the n-th text of a
+    # JSON(L) file
     text: str
 
 
@@ -150,6 +151,8 @@ def read_documents(root: str | Path, on_error: str = "raise") -> Iterator[Docume
             raise IngestError("these input files cannot be read:\n"
                               + "\n".join(f"  - {p}" for p in problems)
                               + "\nfix or remove them, or pass on_error='skip'")
+    base = Path(root).expanduser()
+    base = base if base.is_dir() else base.parent
     for path in files:
         try:
             docs = list(read_file(path))
@@ -157,7 +160,13 @@ def read_documents(root: str | Path, on_error: str = "raise") -> Iterator[Docume
             log.warning("skipped: %s", exc)
             warnings.warn(f"skipped {exc}", stacklevel=2)
             continue
-        yield from docs
+        # the source as a path below the folder read, never where that folder lives: it
+        # is part of each chunk's content, hence of its key (resume, the cache, a prompt
+        # variation, a cluster shard), and a project moved or cloned elsewhere must give
+        # the same keys
+        where = path.relative_to(base).as_posix()
+        for doc in docs:
+            yield Document(where + doc.source[len(str(path)):], doc.text)
 
 
 # ---- chunking --------------------------------------------------------------------------

@@ -157,3 +157,21 @@ def test_pdf_with_the_docs_extra(tmp_path: Path) -> None:
     (doc,) = read_documents(tmp_path)  # a PDF without text reads as empty, not an error
     assert doc.source.endswith("blank.pdf") and doc.text.strip() == ""
     assert list(chunks(tmp_path, chunk_size=50, cache_dir=None)) == []
+
+
+def test_a_folder_moved_elsewhere_gives_the_same_keys(tmp_path: Path) -> None:
+    """A chunk's source is part of its content, hence of its key (resume, the cache, the
+    prompt variation it gets, its cluster shard): it must not say where the folder lives.
+    (The varied_rewrites example picked other variations in a fresh clone at another path
+    and missed its cassette.)"""
+    from datagen.pool import plain_item
+
+    here, there = corpus(tmp_path / "here" / "docs"), corpus(tmp_path / "elsewhere" / "x")
+    keys = [[plain_item(i, item).content_key for i, item in
+             enumerate(chunks(root, chunk_size=20, cache_dir=None))] for root in (here, there)]
+    assert keys[0] == keys[1] and len(keys[0]) >= 3
+    sources = {c["source"] for c in chunks(here, chunk_size=20, cache_dir=None)}
+    assert all(not s.startswith("/") and str(tmp_path) not in s for s in sources), sources
+    one_file = next(p for p in sorted(here.rglob("*.txt")))
+    (single,) = {c["source"] for c in chunks(one_file, chunk_size=1000, cache_dir=None)}
+    assert single == one_file.name
