@@ -180,3 +180,36 @@ async def test_resume_from_the_constructor_and_config(project: Path,
     project.write_text(project.read_text().replace("run:\n", "run:\n  resume: true\n"))
     await pipe(project, server).run(make_pool(5))  # config.yaml
     assert server.request_count == 5
+
+
+def test_two_runs_opening_one_new_cache_at_once_both_open(tmp_path: Path) -> None:
+    """Two runs sharing an output folder open its cache together (two pipelines of one
+    process, or two processes): SQLite's switch to WAL answered 'database is locked' at
+    once to one of them (about 1 in 30 here), which failed before sending anything."""
+    import random
+    import threading
+    import time
+
+    from datagen.llm.cache import ResponseCache
+
+    errors: list[BaseException] = []
+    for attempt in range(150):  # a fresh file each time: the race is at its creation
+        path = tmp_path / f"c{attempt}" / ".datagen_cache.sqlite"
+        start = threading.Barrier(2)
+
+        def open_it(path: Path = path, start: threading.Barrier = start) -> None:
+            try:
+                start.wait()
+                time.sleep(random.random() * 0.003)
+                cache = ResponseCache(path)
+                time.sleep(0.005)
+                cache.close()
+            except BaseException as exc:  # collected for the assert
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]

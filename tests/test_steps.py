@@ -331,6 +331,30 @@ def test_killed_after_the_first_step_resume_sends_nothing_for_it(tmp_path: Path)
     assert sent["question"] == 0 and sent["answer"] == 4
 
 
+def test_a_steps_answer_is_on_disk_before_the_next_steps_request_goes_out(
+        tmp_path: Path) -> None:
+    """The deterministic form of the kill test above: answers are committed in groups
+    every few milliseconds, and a kill -9 after step 2's request left but before the
+    group commit paid for step 1's answer again on resume."""
+    import sqlite3
+
+    model = Model()
+    stored_when_asked: list[int] = []
+
+    def watching(body: dict[str, Any]) -> Any:
+        if step_of(body) == "answer":
+            with sqlite3.connect(tmp_path / "out" / ".datagen_cache.sqlite") as db:
+                stored_when_asked.append(db.execute(
+                    "SELECT COUNT(*) FROM responses").fetchone()[0])
+        return model(body)
+
+    with FakeOpenAIServer(responder=watching) as server:
+        results = build(server.base_url, tmp_path).run_sync(POOL, concurrency_limit=2)
+    assert len(results) == 4 and stored_when_asked
+    # every answer request came after at least its own item's question answer was stored
+    assert min(stored_when_asked) >= 1, stored_when_asked
+
+
 def test_input_processor_that_raises_fails_only_that_item(tmp_path: Path) -> None:
     def shout(ctx: dict[str, Any]) -> dict[str, Any]:
         if "Rivers" in ctx["text"]:

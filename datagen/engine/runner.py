@@ -111,6 +111,8 @@ class ItemRunner:
             if step.samples > 1 and not (sampled and position == first):
                 await self._sample(step, state, position)
                 return
+            if position and self.job.cache is not None:
+                await self.job.cache.durable()  # the earlier step's answer, on disk first
             try:
                 output = await self._run_step(step, state, seat if position == first
                                               else None)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sqlite3
 import threading
 import time
@@ -62,6 +63,7 @@ _DELETE = None  # a pending value that means "remove this key"
 _TOMBSTONE = b"-"  # a rejected answer, with a family to read: their copy is not served
 _REJECTED = object()
 COMMIT_DELAY_S = 0.005
+OPEN_RETRY_S = 30.0
 COMMIT_BATCH = 2048
 # pages the WAL may hold before it is copied into the file (SQLite's default: 1000): the
 # keys are hashes, so every commit touches pages all over the table, and copying them back
@@ -79,6 +81,7 @@ class ResponseCache:
         self._lock = threading.Lock()
         self._pending: dict[str, bytes | None] = {}  # given, not yet committed
         self._flush_at: asyncio.TimerHandle | None = None
+        self._committed: asyncio.Future[None] | None = None  # see durable()
         self.error: OutputError | None = None  # a failed commit, raised at the next use
         # the keys the file holds, loaded in the background: a miss is then answered from
         # memory (~1 us) instead of a query; until it is loaded, and for keys another
@@ -87,8 +90,7 @@ class ResponseCache:
         self._since_load: set[str] | None = set()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = self._connect()
-            self._db.execute(SCHEMA)
+            self._db = self._connect(schema=True)
         except (sqlite3.Error, OSError) as exc:
             raise OutputError(
                 f"cannot open the response cache {self.path}: {exc}. Set run.cache_path to "
@@ -119,13 +121,31 @@ class ResponseCache:
                 index.add(key)
             self._known, self._since_load = index, None
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
-        return db
+    def _connect(self, schema: bool = False) -> sqlite3.Connection:
+        """A connection in WAL mode. Two runs opening one new cache at the same moment
+        (two pipelines of one process, or two processes, sharing an output folder): the
+        switch to WAL needs the file alone, and SQLite answers "database is locked" at
+        once rather than waiting its busy timeout, so the open is tried again (for up to
+        OPEN_RETRY_S): one of two such runs failed before it sent anything."""
+        deadline = time.monotonic() + OPEN_RETRY_S
+        while True:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=30)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+                if schema:
+                    db.execute(SCHEMA)
+                return db
+            except sqlite3.OperationalError as exc:
+                db.close()
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005 + 0.02 * random.random())
+            except BaseException:
+                db.close()
+                raise
 
     def get(self, key: str) -> Completion | None:
         found = self._lookup(key)
@@ -201,6 +221,18 @@ class ResponseCache:
             return
         self._flush_at = loop.call_later(COMMIT_DELAY_S, self._timed_flush)
 
+    async def durable(self) -> None:
+        """Until every answer given so far is committed (at the next group commit, within
+        COMMIT_DELAY_S). A step's answer must be on disk before the next step's request
+        goes out: a kill -9 in between otherwise paid for it again on resume."""
+        if not self._pending:
+            return
+        if self._committed is None:
+            self._committed = asyncio.get_running_loop().create_future()
+        waiter = self._committed
+        self._soon()
+        await asyncio.shield(waiter)
+
     def _timed_flush(self) -> None:
         self._flush_at = None
         with contextlib.suppress(OutputError):  # kept in self.error: raised at next use
@@ -217,6 +249,9 @@ class ResponseCache:
                 self._commit(batch)
             if self.error is not None:  # still served from memory
                 self._pending = {**batch, **self._pending}
+        committed, self._committed = self._committed, None
+        if committed is not None and not committed.done():
+            committed.set_result(None)  # (a failed commit is raised at the next use)
         self._raise_error()
 
     def _commit(self, batch: dict[str, bytes | None]) -> None:

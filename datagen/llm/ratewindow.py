@@ -17,11 +17,12 @@ class Send:
     the transport reports the request written (or, for a process's first request on a
     transport that cannot report it, when its answer came back)."""
 
-    __slots__ = ("at", "written")
+    __slots__ = ("at", "pending", "written")
 
     def __init__(self, at: float) -> None:
         self.at = at
         self.written = False
+        self.pending = False  # its transport will report the write (until it does)
 
     def sent(self, at: float) -> None:
         self.at = max(self.at, at)
@@ -88,15 +89,25 @@ class RateWindow:
         to wait, None)."""
         with self._lock:
             wait = 0.0
-            if self._sent:
+            if self._sent and not self._sent[-1].written:  # (a reported write is where
+                # it went: a transport's bunched writes are the bound's business below)
                 wait = self._sent[-1].at + 0.7 * self.spacing - now
             if len(self._sent) == self.count:
-                wait = max(wait, self._sent[0].at + self.window + self.margin - now)
+                wait = max(wait, self._oldest(now) + self.window + self.margin - now)
             if wait > 0:
                 return wait, None
             send = Send(now)
             self._sent.append(send)
             return 0.0, send
+
+    def _oldest(self, now: float) -> float:
+        """When the earliest of the last ``count`` requests went out. One whose transport
+        will report its write, not reported yet, goes out from now on (litellm's own CPU
+        can hold a request back for tens of milliseconds, past requests granted after
+        it: counted at its grant, that let cap + 1 into one second). Reported moments
+        can be out of grant order, so every one is read."""
+        return min(send.at if send.written or not send.pending else max(send.at, now)
+                   for send in self._sent)
 
     def adopt(self, other: RateWindow) -> None:
         """Keep the moments of the window this one replaces (a changed config), so the

@@ -278,6 +278,7 @@ def make_caller(m: ModelConfig, concurrency: int, cache: Any) -> Caller:
     limits = endpoint_limits(key, rate_spec(m, transport.name), m.model_string())
     if limits.window is not None and hasattr(transport, "track_sends"):
         transport.track_sends = True  # the window counts sends from when they are written
+        limits.reports_writes = True
     throttle = Throttle(concurrency=concurrency, limits=limits)
     return Caller(transport, throttle, max_retries=m.max_retries, cache=cache,
                   prices=prices_of(m))

@@ -85,6 +85,7 @@ class EndpointLimits:
         self.paused_until = 0.0  # time.monotonic() deadline shared by every worker
         self.pause_reason = ""
         self._cold = probe  # no request has gone out in this process yet
+        self.reports_writes = False  # its transport tells the window when it writes
         self._probe: Send | None = None  # the first one, until it is written or answered
         self._probe_deadline = 0.0
         self._configure(spec)
@@ -185,6 +186,7 @@ class EndpointLimits:
             if send is not None:
                 break
             await asyncio.sleep(extra)
+        send.pending = self.reports_writes
         if self._cold:
             self._cold, self._probe = False, send
             self._probe_deadline = time.monotonic() + 2.0
@@ -197,6 +199,8 @@ class EndpointLimits:
             if not send.written:
                 send.sent(time.monotonic())
             self._probe = None
+        if send is not None:
+            send.pending = False  # written, or it never will be (it failed before)
 
     def _take(self, kind: str, estimate: Estimate) -> float:
         amount = {"total": estimate.total, "input": estimate.prompt,
