@@ -122,30 +122,7 @@ class ResponseCache:
             self._known, self._since_load = index, None
 
     def _connect(self, schema: bool = False) -> sqlite3.Connection:
-        """A connection in WAL mode. Two runs opening one new cache at the same moment
-        (two pipelines of one process, or two processes, sharing an output folder): the
-        switch to WAL needs the file alone, and SQLite answers "database is locked" at
-        once rather than waiting its busy timeout, so the open is tried again (for up to
-        OPEN_RETRY_S): one of two such runs failed before it sent anything."""
-        deadline = time.monotonic() + OPEN_RETRY_S
-        while True:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                 timeout=30)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
-                if schema:
-                    db.execute(SCHEMA)
-                return db
-            except sqlite3.OperationalError as exc:
-                db.close()
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005 + 0.02 * random.random())
-            except BaseException:
-                db.close()
-                raise
+        return open_db(self.path, schema)
 
     def get(self, key: str) -> Completion | None:
         found = self._lookup(key)
@@ -293,6 +270,33 @@ class ResponseCache:
             for other in self._family:
                 with contextlib.suppress(OutputError):
                     other.close()
+
+
+def open_db(path: Path, schema: bool = False) -> sqlite3.Connection:
+    """A connection in WAL mode. Two runs opening one new cache at the same moment
+    (two pipelines of one process, or two processes, sharing an output folder): the
+    switch to WAL needs the file alone, and SQLite answers "database is locked" at
+    once rather than waiting its busy timeout, so the open is tried again (for up to
+    OPEN_RETRY_S): one of two such runs failed before it sent anything."""
+    deadline = time.monotonic() + OPEN_RETRY_S
+    while True:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                             timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            if schema:
+                db.execute(SCHEMA)
+            return db
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005 + 0.02 * random.random())
+        except BaseException:
+            db.close()
+            raise
 
 
 def cache_family(configured: Path) -> list[Path]:
