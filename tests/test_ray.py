@@ -38,7 +38,7 @@ from datagen.errors import ConfigError
 from datagen.executors.ray import RayExecutor
 from datagen.lease import read_epoch
 from datagen.testing import FakeOpenAIServer, FakeReply
-from datagen.testing.ray_cluster import LocalRayCluster
+from datagen.testing.ray_cluster import LocalRayCluster, attached_cluster
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,13 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalRayCluster]:
-    with LocalRayCluster(n_nodes=3, num_cpus=2) as c:
-        ray.init(address=c.address, _node_ip_address=c.head_ip, namespace="datagen-tests",
-                 log_to_driver=False)
-        try:
-            yield c
-        finally:
-            ray.shutdown()
+    with attached_cluster("datagen-tests") as c:
+        yield c
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:

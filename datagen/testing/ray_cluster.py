@@ -32,8 +32,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from datagen.redact import get_logger
 
 MARKER = "DATAGEN_RAY_NODE"
 BASE_ENV = {
@@ -49,6 +52,24 @@ BASE_ENV = {
     "RAY_health_check_failure_threshold": "3",
 }
 _TOKEN = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)  # one per process
+
+log = get_logger("datagen.testing")
+
+
+@contextlib.contextmanager
+def attached_cluster(namespace: str, n_nodes: int = 3, num_cpus: int = 2
+                     ) -> Iterator[LocalRayCluster]:
+    """A loopback cluster with this process attached as its driver (``ray.init``), for a
+    test module's fixture; detached and stopped at the end."""
+    import ray
+
+    with LocalRayCluster(n_nodes=n_nodes, num_cpus=num_cpus) as cluster:
+        ray.init(address=cluster.address, _node_ip_address=cluster.head_ip,
+                 namespace=namespace, log_to_driver=False)
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
 
 
 def _free_port(ip: str) -> int:
@@ -200,8 +221,7 @@ class LocalRayCluster:
             for ip in self.ips:  # the node logs, before they are deleted
                 path = Path(self.tmp, f"node-{ip}.log")
                 if path.exists():
-                    print(f"--- {path}\n{path.read_text(errors='replace')[-3000:]}",
-                          file=sys.stderr)
+                    log.error("--- %s\n%s", path, path.read_text(errors="replace")[-3000:])
             self.shutdown()
             raise
         return self.address
