@@ -1,4 +1,4 @@
-"""The fast transport for Anthropic's Messages API: one aiohttp session, orjson both ways.
+"""The fast transport for Anthropic's Messages API: pooled HTTP/1.1, orjson both ways.
 
 The same semantics as the OpenAI-compatible fast path (``openai_transport``): the same
 error kinds (so the same retries), Retry-After, usage, no hidden retries (each call is
@@ -36,9 +36,9 @@ from datagen.llm.wire import (
     field_of,
     load_object,
     malformed,
-    open_session,
     post,
     preview,
+    session_for,
     token_count,
 )  # fmt: skip
 from datagen.redact import get_logger, redact
@@ -307,7 +307,7 @@ def classify(status: int, raw: bytes, headers: Any,
 # ---- transport -------------------------------------------------------------------------
 
 class AnthropicTransport:
-    """POSTs to ``{base_url}/v1/messages`` with a pooled aiohttp session.
+    """POSTs to ``{base_url}/v1/messages`` over pooled connections (see wire).
 
     The key is the request's ``api_key``, else ``api_key`` given here, else the
     ``ANTHROPIC_API_KEY`` environment variable; the URL is the request's ``base_url``,
@@ -330,8 +330,8 @@ class AnthropicTransport:
         self.track_sends = False  # set when the endpoint has a rate window
 
     def _open(self) -> Any:
-        if self._session is None or self._session.closed:
-            self._session = open_session(self.pool_size, self._headers, self.track_sends)
+        self._session = session_for(self._session, self.pool_size, self._headers,
+                                    self.track_sends)
         return self._session
 
     def _target(self, request: ChatRequest) -> tuple[str, dict[str, str] | None]:

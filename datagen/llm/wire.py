@@ -16,7 +16,8 @@ from typing import Any
 
 import orjson
 
-from datagen.llm.errors import CallError, kind_for_status
+from datagen.llm.errors import CallError
+from datagen.llm.http1 import HTTPClient, HTTPError, HTTPTimeout, use_aiohttp
 from datagen.redact import redact
 
 _PREVIEW = 120
@@ -24,18 +25,53 @@ _PREVIEW = 120
 
 def open_session(pool_size: int, headers: Mapping[str, str], track_sends: bool = False
                  ) -> Any:
-    """The fast transports' pooled aiohttp session. With ``track_sends`` (the endpoint
+    """The fast transports' HTTP client: datagen's own (:mod:`datagen.llm.http1`), or an
+    aiohttp session when aiohttp must see the requests (a cassette recorder or a mock
+    patched it, or ``DATAGEN_HTTP_CLIENT=aiohttp``). With ``track_sends`` (the endpoint
     has a rate window), each request tells the window the moment it is written, so one
     that waited on a new connection or on the event loop counts from when it really went
-    out. (A request class, not a TraceConfig: any trace config makes aiohttp signal every
-    event of every request, ~0.1 ms of CPU per call.)"""
+    out. (On aiohttp, a request class, not a TraceConfig: any trace config makes aiohttp
+    signal every event of every request, ~0.1 ms of CPU per call.)"""
+    if not use_aiohttp():
+        from datagen.llm.throttle import mark_sent
+
+        return HTTPClient(pool_size, headers, mark_sent if track_sends else None)
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=pool_size, limit_per_host=pool_size,
                                      ttl_dns_cache=300, enable_cleanup_closed=True)
     request_class = _tracked_request() if track_sends else aiohttp.ClientRequest
-    return aiohttp.ClientSession(connector=connector, headers=dict(headers),
+    sent = {k: v for k, v in headers.items()  # the length is the body's, always
+            if k.lower() not in ("content-length", "transfer-encoding")}
+    return aiohttp.ClientSession(connector=connector, headers=sent,
                                  request_class=request_class)
+
+
+def session_for(session: Any, pool_size: int, headers: Mapping[str, str],
+                track_sends: bool = False) -> Any:
+    """``session`` if it can serve the next request (open, of this event loop, of the
+    kind wanted now: aiohttp while it is patched, datagen's own otherwise), else a new
+    one (the old one closed, when it belongs to this loop)."""
+    if session is not None and not session.closed:
+        if isinstance(session, HTTPClient):
+            if session.loop is asyncio.get_running_loop() and not use_aiohttp():
+                return session
+            if session.loop is asyncio.get_running_loop():
+                _close_later(session)
+        elif use_aiohttp():
+            return session
+        else:
+            _close_later(session)
+    return open_session(pool_size, headers, track_sends)
+
+
+_CLOSING: set[asyncio.Future[Any]] = set()  # held until done (the loop keeps only weak refs)
+
+
+def _close_later(session: Any) -> None:
+    task = asyncio.ensure_future(session.close())
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
 
 
 @lru_cache(maxsize=1)
@@ -111,19 +147,41 @@ def token_count(usage: dict[str, Any], key: str, where: str = "usage.") -> int:
 
 async def post(session: Any, url: str, data: bytes, timeout: float,
                headers: Mapping[str, str] | None = None) -> tuple[int, bytes, Any]:
-    """One POST with ``session`` (aiohttp): the status, the body and the headers."""
-    import aiohttp
-
+    """One POST with ``session`` (see :func:`open_session`): the status, the body and the
+    headers. A redirect is an error naming where it points: an API's POST cannot follow
+    one (a client that did would resend it as a GET), and base_url is what to fix."""
     try:
-        async with session.post(url, data=data, headers=headers,
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-            return response.status, await response.read(), response.headers
-    except asyncio.TimeoutError:
+        if isinstance(session, HTTPClient):
+            answer = await session.post(url, data, timeout, headers)
+        else:
+            answer = await _aiohttp_post(session, url, data, timeout, headers)
+    except (asyncio.TimeoutError, HTTPTimeout):
         raise CallError("timeout", f"no answer within {timeout:g}s") from None
-    except aiohttp.ClientResponseError as exc:
-        raise CallError(kind_for_status(exc.status), redact(str(exc)), exc.status) from None
-    except aiohttp.ClientError as exc:  # refused, reset, DNS, payload errors
-        raise CallError("connection", redact(f"{type(exc).__name__}: {exc}")) from None
+    except HTTPError as exc:  # refused, reset, closed midway, not HTTP
+        raise CallError("connection", redact(str(exc))) from None
+    except CallError:
+        raise
     except Exception as exc:  # anything else below us (a cassette miss, a proxy hook):
         # an item-level error, as litellm reports it, never a crash of the run
         raise CallError("error", redact(f"{type(exc).__name__}: {exc}")) from None
+    status = answer[0]
+    if 300 <= status < 400 and status != 304:
+        where = answer[2].get("Location") or "(no Location given)"
+        raise CallError("not_found", redact(
+            f"{status}: the server redirects {url} to {where}; set model.base_url to "
+            "the address it points to"), status)
+    return answer
+
+
+async def _aiohttp_post(session: Any, url: str, data: bytes, timeout: float,
+                        headers: Mapping[str, str] | None) -> tuple[int, bytes, Any]:
+    import aiohttp
+
+    try:
+        async with session.post(url, data=data, headers=headers, allow_redirects=False,
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            return response.status, await response.read(), response.headers
+    except aiohttp.ClientError as exc:  # refused, reset, DNS, an answer that is not HTTP
+        # (aiohttp reports its parser's complaint as a ClientResponseError "400": the
+        # server's status never reaches here, raise_for_status being off)
+        raise CallError("connection", redact(f"{type(exc).__name__}: {exc}")) from None
