@@ -204,7 +204,7 @@ async def test_adaptive_concurrency_halves_on_429_and_recovers() -> None:
     gate.rate_limited()
     assert gate.limit == 4
     for _ in range(5):
-        await gate.release()
+        gate.release()
     await asyncio.sleep(0)
     assert waiter.done() and gate.in_flight == 4  # handed over only once under the limit
     for _ in range(4):
@@ -221,7 +221,7 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
     await asyncio.sleep(0)
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)
-    await gate.release()
+    gate.release()
     assert gate.in_flight == 0
     await asyncio.wait_for(gate.acquire(), 1)
 

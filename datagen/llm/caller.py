@@ -115,12 +115,20 @@ class Caller:
             self.stats.cache_misses += 1
         estimate = estimate_tokens(request) if self.throttle.counts_tokens else None
         attempt = 0
+        throttle = self.throttle
         while True:
             attempt += 1
             try:
-                async with self.throttle.slot(estimate):
-                    self.stats.requests += 1
-                    completion = await self.transport.complete(request)
+                if throttle.enter_now():  # nothing to wait for: no context manager
+                    try:
+                        self.stats.requests += 1
+                        completion = await self.transport.complete(request)
+                    finally:
+                        throttle.leave_now()
+                else:
+                    async with throttle.slot(estimate):
+                        self.stats.requests += 1
+                        completion = await self.transport.complete(request)
             except CallError as err:
                 await self._failed(err, attempt)
                 continue

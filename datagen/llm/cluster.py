@@ -123,6 +123,9 @@ class ClusterLimits(EndpointLimits):
 
     # ---- what the throttle asks ------------------------------------------------------
 
+    def free_now(self) -> bool:
+        return False  # every attempt asks the cluster's budget (wait_turn)
+
     async def wait_turn(self, estimate: Estimate | None = None) -> Send | None:
         if estimate is not None and self.tokens:
             wait = await self.port.tokens(self.key, {"total": estimate.total,

@@ -34,6 +34,7 @@ import types
 from collections import deque
 from collections.abc import Callable, Mapping
 from functools import lru_cache
+from typing import Any
 from urllib.parse import urlsplit
 
 from datagen.llm.httpconn import Connection, Headers, HTTPError, HTTPTimeout
@@ -48,13 +49,27 @@ def use_aiohttp() -> bool:
     aiohttp's request method was replaced (a cassette recorder or a mock is listening)."""
     if os.environ.get("DATAGEN_HTTP_CLIENT", "").strip().lower() == "aiohttp":
         return True
+    return aiohttp_patched()
+
+
+_PLAIN: list[Any] = []  # aiohttp's own request method, once seen unpatched
+
+
+def aiohttp_patched() -> bool:
+    """Whether aiohttp's request method is not aiohttp's (checked before every request:
+    one identity test once the plain method was seen)."""
     aiohttp = sys.modules.get("aiohttp")
     if aiohttp is None:  # not even imported: nobody patched it
         return False
     request = getattr(getattr(aiohttp, "ClientSession", None), "_request", None)
+    if _PLAIN and request is _PLAIN[0]:
+        return False
     code = getattr(request, "__code__", None)  # a wrapper has its own; a mock, a fake one
-    return type(code) is not types.CodeType or \
+    patched = type(code) is not types.CodeType or \
         os.path.basename(os.path.dirname(code.co_filename)) != "aiohttp"
+    if not patched:
+        _PLAIN[:] = [request]
+    return patched
 
 
 class _Pool:

@@ -2,9 +2,9 @@
 
 litellm spends ~9 ms of CPU per call (its openai SDK path on httpx, request preparation,
 cost bookkeeping), so one process tops out near 100 calls/s whatever the provider allows;
-a POST of its own costs ~0.05 ms (datagen.llm.http1). For endpoints that speak the OpenAI chat API (OpenAI,
-vLLM, SGLang, llama.cpp, Ollama's /v1, DeepSeek, Together, OpenRouter, Groq, ...) this
-transport sends the request itself, with the same semantics as the litellm path: the
+a POST of its own costs ~0.05 ms (datagen.llm.http1). For endpoints that speak the OpenAI
+chat API (OpenAI, vLLM, SGLang, llama.cpp, Ollama's /v1, DeepSeek, Together, OpenRouter,
+Groq, ...) this transport sends the request itself, with the same semantics as the litellm path: the
 same error kinds (so the same retries), Retry-After, usage. No hidden retries: each call
 is one HTTP request.
 """

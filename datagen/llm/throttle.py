@@ -143,6 +143,12 @@ class EndpointLimits:
     def paused_for(self) -> float:
         return max(0.0, self.paused_until - time.monotonic())
 
+    def free_now(self) -> bool:
+        """Nothing to wait for: no request window, no token budget, no pause (a cluster's
+        limits always answer False: their state lives elsewhere)."""
+        return self.window is None and not self.tokens and \
+            self.paused_until <= time.monotonic()
+
     def rate_limited(self) -> None:
         """A 429 (the run's adaptive concurrency has halved): a cluster's limits tell
         every worker; one process has nothing more to do."""
@@ -280,7 +286,14 @@ class AdaptiveConcurrency:
                 self._waiters.remove(waiter)
             raise
 
-    async def release(self) -> None:
+    def take_now(self) -> bool:
+        """A slot at once, if one is free and nobody waits for one (no coroutine)."""
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            return True
+        return False
+
+    def release(self) -> None:
         self.in_flight -= 1
         self._wake()
 
@@ -345,6 +358,19 @@ class Throttle:
     def used_tokens(self, estimate: Estimate, prompt: int, completion: int) -> None:
         self.limits.used(estimate, prompt, completion)
 
+    def enter_now(self) -> bool:
+        """Begin an attempt at once when nothing asks it to wait (the common case: no
+        request window, no token budget, no pause, a free concurrency slot), with no
+        coroutine and no context variable; end it with :meth:`leave_now`. False: go
+        through :meth:`slot`."""
+        if not self.limits.free_now():
+            return False
+        return self.concurrency is None or self.concurrency.take_now()
+
+    def leave_now(self) -> None:
+        if self.concurrency is not None:
+            self.concurrency.release()
+
     @asynccontextmanager
     async def slot(self, estimate: Estimate | None = None) -> AsyncIterator[None]:
         """Hold a concurrency slot for one attempt, after waiting for the limits."""
@@ -360,4 +386,4 @@ class Throttle:
                 SENDING.reset(token)
             self.limits.done(send)
             if self.concurrency is not None:
-                await self.concurrency.release()
+                self.concurrency.release()

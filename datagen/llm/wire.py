@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from datagen.llm.errors import CallError
-from datagen.llm.http1 import HTTPClient, HTTPError, HTTPTimeout, use_aiohttp
+from datagen.llm.http1 import HTTPClient, HTTPError, HTTPTimeout, aiohttp_patched, use_aiohttp
 from datagen.redact import redact
 
 _PREVIEW = 120
@@ -54,8 +54,8 @@ def session_for(session: Any, pool_size: int, headers: Mapping[str, str],
     one (the old one closed, when it belongs to this loop)."""
     if session is not None and not session.closed:
         if isinstance(session, HTTPClient):
-            if session.loop is asyncio.get_running_loop() and not use_aiohttp():
-                return session
+            if session.loop is asyncio.get_running_loop() and not aiohttp_patched():
+                return session  # (the environment's choice was read when it was made)
             if session.loop is asyncio.get_running_loop():
                 _close_later(session)
         elif use_aiohttp():
