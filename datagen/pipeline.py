@@ -21,9 +21,12 @@ from datagen.config import Settings, load_settings
 from datagen.engine.job import Job, RunOptions
 from datagen.errors import ConfigError
 from datagen.estimate import Estimate
+from datagen.executors import get_executor
+from datagen.executors.local import run_local  # noqa: F401 - a run needs it: loaded with us
 from datagen.llm import runtime
 from datagen.plan import Plan
 from datagen.plans import SingleStepPlan, StepsPlan
+from datagen.prepare import prepare as prepare_job
 from datagen.prompts import ChatPrompt
 from datagen.result import RunResult
 from datagen.steps import CallEvent, Step
@@ -158,9 +161,6 @@ class DataGenerationPipeline(StepBuilder):
         """Everything :meth:`run` does before the first request: the checks (a bad pool,
         template or config raises here, before anything is sent or written), the run's
         files (``job.files``, locked), the callers. Hand the job to :meth:`execute`."""
-        from datagen.executors import get_executor
-        from datagen.prepare import prepare
-
         run_it = get_executor(executor)  # an unknown executor fails before anything is opened
         plan = self._plan(self._pick_extractor(extract_function, parse_response))
         if plan.batch_steps() and getattr(run_it, "__name__", "") != "run_local":
@@ -169,14 +169,12 @@ class DataGenerationPipeline(StepBuilder):
                 "the provider does the work, there is nothing for a cluster to share. Run "
                 "it without executor='ray' (--executor local), or without batch")
         options = self._options(collect, on_record, progress_callback)
-        return prepare(self.settings, plan, data_pool, concurrency=concurrency_limit,
-                       resume=resume, options=options, step_names=self.step_names,
-                       progress=progress, shard_origin=self._shard_origin)
+        return prepare_job(self.settings, plan, data_pool, concurrency=concurrency_limit,
+                           resume=resume, options=options, step_names=self.step_names,
+                           progress=progress, shard_origin=self._shard_origin)
 
     async def execute(self, job: Job, executor: Any = "local") -> RunResult:
         """Run a prepared job to the disk (see :meth:`prepare`)."""
-        from datagen.executors import get_executor
-
         result: RunResult = await get_executor(executor)(job)
         if result.counts["finished"] + result.counts["skipped_done"] == 0:
             message = "the data pool is empty: nothing was generated"

@@ -79,12 +79,14 @@ class SeenSet:
 
     def _grow(self) -> None:
         old = self._slots
-        self._slots = array("Q", bytes(8 * len(old) * 2))
-        self._mask = len(self._slots) - 1
-        self._count = 0
-        for value in old:
+        slots = self._slots = array("Q", bytes(8 * len(old) * 2))
+        mask = self._mask = len(slots) - 1
+        for value in old:  # the values are distinct: each goes to the first free slot
             if value:
-                self.add(value)
+                i = value & mask
+                while slots[i]:
+                    i = (i + 1) & mask
+                slots[i] = value
 
     def __len__(self) -> int:
         return self._count
