@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -22,17 +23,38 @@ class HTTPTimeout(HTTPError):
     pass
 
 
-class Headers(dict[str, str]):
-    """Response headers by lower-case name (a repeated one: its values joined by ", ")."""
+class Headers(Mapping[str, str]):
+    """Response headers, looked up by name in any case (a repeated one: its values
+    joined by ", "). Kept as the bytes that arrived, each decoded when it is read: a
+    provider sends ~20 headers and a call reads two or three."""
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return dict.get(self, key.lower(), default)
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: dict[bytes, bytes] | None = None) -> None:
+        self._raw = raw if raw is not None else {}
+
+    @staticmethod
+    def _name(key: str) -> bytes:
+        return key.lower().encode("latin-1", "replace")
 
     def __getitem__(self, key: str) -> str:
-        return dict.__getitem__(self, key.lower())
+        return self._raw[self._name(key)].decode("latin-1")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._raw.get(self._name(key))
+        return default if value is None else value.decode("latin-1")
 
     def __contains__(self, key: object) -> bool:
-        return dict.__contains__(self, key.lower() if isinstance(key, str) else key)
+        return isinstance(key, str) and self._name(key) in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return (name.decode("latin-1") for name in self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __repr__(self) -> str:
+        return f"Headers({dict(self.items())!r})"
 
 
 class Connection(asyncio.Protocol):
@@ -51,7 +73,7 @@ class Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
         self.begun = False  # a response has started arriving
         self.keep_alive = False  # the last answer leaves the connection open
@@ -63,6 +85,9 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.waiter is None:  # bytes nobody asked for (a second answer to one
+            self.close()  # request): the connection can no longer be trusted
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -85,17 +110,20 @@ class Connection(asyncio.Protocol):
     # ---- httptools callbacks ----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.waiter is None:  # a second answer to one request, in the same packet
+            self.close()
         self._reset()
         self.begun = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        name = name.lower()
+        before = self.headers.get(name)
+        self.headers[name] = value if before is None else before + b", " + value
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
-        names = {name.lower() for name, _ in self.headers}
-        self.until_eof = b"content-length" not in names and \
-            b"transfer-encoding" not in names and self.status >= 200 and \
+        self.until_eof = b"content-length" not in self.headers and \
+            b"transfer-encoding" not in self.headers and self.status >= 200 and \
             self.status not in (204, 304)
 
     def on_body(self, body: bytes) -> None:
@@ -108,14 +136,10 @@ class Connection(asyncio.Protocol):
         waiter, self.waiter = self.waiter, None
         if waiter is None or waiter.done():
             return
-        headers = Headers()
-        for raw_name, raw_value in self.headers:
-            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-            before = dict.get(headers, name)
-            dict.__setitem__(headers, name, value if before is None else f"{before}, {value}")
+        headers = Headers(self.headers)
         body = b"".join(self.body)
         try:
-            body = _decoded(body, dict.get(headers, "content-encoding"))
+            body = _decoded(body, headers.get("content-encoding"))
         except zlib.error as exc:
             waiter.set_exception(HTTPError(f"the server's compressed body is broken: {exc}"))
             return
