@@ -19,6 +19,9 @@ class Hooks:
     def __init__(self, job: Job, recorder: RunRecorder) -> None:
         self.job, self.recorder = job, recorder
         self.observers = job.options.observers
+        # anyone to tell of each call (on_call observers, --debug files): else no event
+        self.watching = any(self.observers.get(phase) for phase in ("before", "after")) \
+            or bool(job.options.debug)
 
     async def on_record(self, record: dict[str, Any]) -> None:
         callback = self.job.options.on_record

@@ -52,6 +52,15 @@ def fatal_message(err: CallError, model: str) -> str:
             f"{err.message}. Check model.provider, model.model and model.base_url.")
 
 
+def call_failed(err: CallError, model: str, step: str | None) -> Exception:
+    """What a failed call becomes: the run stops (no retry can fix it), or the item fails.
+    ``step``: named in the message of a run with several."""
+    if err.fatal:
+        message = fatal_message(err, model)
+        return RunAbortedError(f"step '{step}': {message}" if step else message, err.kind)
+    return StepFailed(Failure(err.kind, err.message, err.attempts))
+
+
 def step_trace(completion: Completion, attempts: int, retries: int) -> dict[str, Any]:
     return {"raw_response": completion.text, "model": completion.model,
             "finish_reason": completion.finish_reason, "usage": completion.usage.as_dict(),
@@ -247,6 +256,12 @@ class ItemRunner:
                     ) -> tuple[Completion, int, str | None, int | None]:
         """The answer, the attempts it took, its cache key, and which choice of a shared
         request's answer it is (None: its own request's)."""
+        named = step.name if len(self.steps) > 1 else None
+        if not self.hooks.watching:  # nobody to tell: no event made
+            try:
+                return await self._answer(step, state, request, retries, group)
+            except CallError as err:
+                raise call_failed(err, request.model, named) from None
         event = CallEvent(step.name, state.key, request.messages or None, request.prompt)
         self.hooks.observe("before", event)
         try:
@@ -254,12 +269,7 @@ class ItemRunner:
         except CallError as err:
             event.error = f"{err.kind}: {err.message}"
             self.hooks.observe("after", event)
-            if err.fatal:
-                message = fatal_message(err, request.model)
-                if len(self.steps) > 1:
-                    message = f"step '{step.name}': {message}"
-                raise RunAbortedError(message, err.kind) from None
-            raise StepFailed(Failure(err.kind, err.message, err.attempts)) from None
+            raise call_failed(err, request.model, named) from None
         completion, attempts = answered[0], answered[1]
         event.response, event.usage = completion.text, completion.usage.as_dict()
         event.latency_s, event.cached = completion.latency_s, attempts == 0
