@@ -288,6 +288,70 @@ async def test_a_second_answer_to_one_request_is_never_the_next_ones(
     assert first[1] == b'{"n": 1}' and second[1] == b'{"n": 2}'
 
 
+async def test_a_connection_lost_before_its_request_fails_fast_and_frees_its_place(
+        serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server closes a new connection (or sends bytes unasked) in the moment between
+    the connect and the request: the request fails as a connection error at once, not at
+    its timeout, and its place in the pool is free again. (The moment is made here by
+    running the protocol's connection_lost before the connect returns: with a real
+    server it happens when the event loop runs the close before the waiting task.)"""
+    server = await serve(answer(response()))
+    loop = asyncio.get_running_loop()
+    real = loop.create_connection
+
+    async def spoiled(factory: Any, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await real(factory, *args, **kwargs)
+        transport.close()
+        protocol.connection_lost(None)
+        return transport, protocol
+
+    monkeypatch.setattr(loop, "create_connection", spoiled)
+    client = HTTPClient(1, {})
+    try:
+        for _ in range(2):  # a leaked place would make the second wait out its timeout
+            started = loop.time()
+            with pytest.raises(http1.HTTPError, match="closed the connection"):
+                await client.post(server.url(), b"{}", 5.0)
+            assert loop.time() - started < 2.0
+        assert next(iter(client._pools.values())).open == 0
+    finally:
+        await client.close()
+
+
+async def test_a_waiter_cancelled_as_its_turn_came_passes_the_turn_on(serve: Any) -> None:
+    """Limit 1: A holds the connection, B and C wait. A finishes (its connection goes to
+    B), and B is cancelled before it runs: C must get the connection now, not wait out
+    its timeout behind a turn nobody took. (Python 3.11's wait_for lets B keep a turn
+    that came with its cancellation, so there this cannot go wrong; 3.12's lets the
+    cancellation win, and the turn must be passed on.)"""
+    async def quick(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    request: dict[str, Any]) -> None:
+        await asyncio.sleep(0.05)
+        writer.write(response())
+        await writer.drain()
+
+    server = await serve(quick)
+    client = HTTPClient(1, {})
+    loop = asyncio.get_running_loop()
+    try:
+        a = asyncio.ensure_future(client.post(server.url(), b"{}", 30.0))
+        await asyncio.sleep(0.01)
+        b = asyncio.ensure_future(client.post(server.url(), b"{}", 30.0))
+        c = asyncio.ensure_future(client.post(server.url(), b"{}", 30.0))
+        await asyncio.sleep(0.01)
+        pool = next(iter(client._pools.values()))
+        turn = pool.waiters[0]
+        turn.add_done_callback(lambda _: b.cancel())  # B's turn came: B is cancelled
+        assert (await a)[0] == 200
+        started = loop.time()
+        assert (await asyncio.wait_for(c, 10.0))[0] == 200
+        assert loop.time() - started < 2.0
+        assert b.cancelled() or (b.done() and b.result()[0] == 200)  # (3.11's wait_for may
+        # let a task whose turn came keep it, cancelled or not: either way, nothing stuck)
+    finally:
+        await client.close()
+
+
 async def test_a_server_that_never_answers_times_out(client_kind: str, serve: Any) -> None:
     async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    request: dict[str, Any]) -> None:

@@ -112,9 +112,15 @@ class _Pool:
             self.waiters.append(waiter)
             try:
                 await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise HTTPTimeout(f"no answer within {timeout:g}s (waiting for a "
-                                  "connection)") from None
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # the turn handed to us, unused: the next waiter's
+                elif waiter in self.waiters:
+                    self.waiters.remove(waiter)
+                if isinstance(exc, asyncio.TimeoutError):
+                    raise HTTPTimeout(f"no answer within {timeout:g}s (waiting for a "
+                                      "connection)") from None
+                raise
         self.open += 1
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(
@@ -132,11 +138,15 @@ class _Pool:
                 raise HTTPError(f"cannot connect to {self.host}:{self.port}: {exc}"
                                 ) from None
             raise
+        if conn.lost:  # closed (or sent something unasked) before we could use it
+            self.open -= 1
+            self._wake()
+            raise HTTPError(f"{self.host}:{self.port} closed the connection at once")
         conn.counted = True
         return conn
 
     def give_back(self, conn: Connection) -> None:
-        if conn.reusable():
+        if conn.reusable() and not self.client.closed:
             self.idle.append(conn)
             self._wake()
         else:
