@@ -106,6 +106,16 @@ def _not_found_404(c: Case) -> str:
         return error_of(lambda: p.run_sync(make_pool(1)))
 
 
+def _redirect(c: Case) -> str:
+    from datagen.testing import FakeReply
+
+    with FakeOpenAIServer(responder=lambda body: FakeReply(
+            status=308, headers={"Location": "https://api.example.com/v1/chat/completions"},
+            body={})) as server:
+        p = DataGenerationPipeline(config=c.cfg, base_url=server.base_url)
+        return error_of(lambda: p.run_sync(make_pool(1)))
+
+
 def _resume_changed(c: Case) -> str:
     c.pipe().run_sync(make_pool(1))
     (c.tmp / "prompts" / "user.txt").write_text("About {{ topic }}, {{ word_count }}.\n")
@@ -482,6 +492,7 @@ CASES: dict[str, Callable[[Case], str]] = {
     "local model not installed": _local_missing,
     "invalid API key (401)": _api_key_401,
     "model not found (404)": _not_found_404,
+    "`base_url` that redirects (http:// for https://, a moved path)": _redirect,
     "resume after the templates changed": _resume_changed,
     "`base_url` that is not an http(s) URL": lambda c: error_of(
         lambda: DataGenerationPipeline(config=c.cfg, base_url="localhost:8000/v1")),
@@ -597,6 +608,7 @@ AFTER_A_RUN = {  # the case makes a run first, then checks that the refusal sent
 }
 SENDS = {  # the fault is only known from an answer, or is about writing one
     "invalid API key (401)", "model not found (404)", "the disk fills up",
+    "`base_url` that redirects (http:// for https://, a moved path)",
     "`Retry-After` longer than `max_retry_after`", "empty pool", "local model not installed",
     "a generator pool that raises",
     "`datagen export` of a run with 0 records",  # a results file made by hand
