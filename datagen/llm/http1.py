@@ -226,13 +226,13 @@ class HTTPClient:
         pool = self._pools.get((scheme, host, port))
         if pool is None:
             pool = self._pools[scheme, host, port] = _Pool(self, scheme, host, port)
+        lines = self._fixed if not headers else self._merged(headers)  # (may refuse them:
+        host_header = (_host_of(headers) if headers else None) or self._host or host_header
+        head = b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
+            target, host_header, lines, len(body))  # before a connection is taken)
         loop = self.loop
         deadline = loop.time() + timeout
         conn = await pool.take(deadline, timeout)
-        lines = self._fixed if not headers else self._merged(headers)
-        host_header = (_host_of(headers) if headers else None) or self._host or host_header
-        head = b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
-            target, host_header, lines, len(body))
         waiter = conn.waiter = loop.create_future()
         conn.deadline = deadline
         self._watch(conn, timeout)
