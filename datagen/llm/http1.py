@@ -99,6 +99,10 @@ class _Pool:
                 return
 
     async def take(self, deadline: float, timeout: float) -> Connection:
+        """A connection for one request: an idle one, else a new one while there is a
+        place, else the next one given back. Waits end at ``deadline``; a cancellation
+        always wins (asyncio.wait_for, on Python 3.10 and 3.11, lets a task cancelled
+        as its wait ended go on and send: it is not used here)."""
         loop = self.client.loop
         while True:
             while self.idle:
@@ -110,39 +114,57 @@ class _Pool:
                 break
             waiter = loop.create_future()
             self.waiters.append(waiter)
+            alarm = loop.call_at(deadline, _expire, waiter)
             try:
-                await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
+                await waiter
             except BaseException as exc:
-                if waiter.done() and not waiter.cancelled():
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._wake()  # the turn handed to us, unused: the next waiter's
                 elif waiter in self.waiters:
                     self.waiters.remove(waiter)
-                if isinstance(exc, asyncio.TimeoutError):
+                if isinstance(exc, HTTPTimeout):
                     raise HTTPTimeout(f"no answer within {timeout:g}s (waiting for a "
                                       "connection)") from None
                 raise
+            finally:
+                alarm.cancel()
+            if self.client.closed:
+                raise HTTPError("the HTTP client was closed")
         self.open += 1
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: Connection(self), self.host, self.port,
-                ssl=self.client.tls() if self.scheme == "https" else None,
-                server_hostname=self.host if self.scheme == "https" else None),
-                max(0.0, deadline - loop.time()))
-        except BaseException as exc:
+            conn = await self._connect(deadline, timeout)
+        except BaseException:
             self.open -= 1
             self._wake()
-            if isinstance(exc, asyncio.TimeoutError):
-                raise HTTPTimeout(f"no answer within {timeout:g}s (connecting to "
-                                  f"{self.host}:{self.port})") from None
-            if isinstance(exc, (OSError, ValueError)):  # refused, DNS, TLS (SSLError)
-                raise HTTPError(f"cannot connect to {self.host}:{self.port}: {exc}"
-                                ) from None
             raise
-        if conn.lost:  # closed (or sent something unasked) before we could use it
+        if conn.lost or self.client.closed:  # closed (or it sent something unasked)
+            conn.close()  # before we could use it, or the client closed meanwhile
             self.open -= 1
             self._wake()
-            raise HTTPError(f"{self.host}:{self.port} closed the connection at once")
+            raise HTTPError("the HTTP client was closed" if self.client.closed else
+                            f"{self.host}:{self.port} closed the connection at once")
         conn.counted = True
+        return conn
+
+    async def _connect(self, deadline: float, timeout: float) -> Connection:
+        loop = self.client.loop
+        task = asyncio.ensure_future(loop.create_connection(
+            lambda: Connection(self), self.host, self.port,
+            ssl=self.client.tls() if self.scheme == "https" else None,
+            server_hostname=self.host if self.scheme == "https" else None))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+        except BaseException:  # cancelled: the connection, if it still comes, is closed
+            _abandon(task)
+            raise
+        if not done:
+            _abandon(task)
+            raise HTTPTimeout(f"no answer within {timeout:g}s (connecting to "
+                              f"{self.host}:{self.port})")
+        try:
+            _, conn = task.result()
+        except (OSError, ValueError) as exc:  # refused, DNS, TLS (ssl.SSLError)
+            raise HTTPError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
         return conn
 
     def give_back(self, conn: Connection) -> None:
@@ -151,6 +173,22 @@ class _Pool:
             self._wake()
         else:
             conn.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(HTTPTimeout("waiting for a connection"))
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    """Give up a connect: cancelled, and closed should it complete all the same."""
+    task.cancel()
+
+    def close(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result()[0].close()
+
+    task.add_done_callback(close)
 
 
 @lru_cache(maxsize=256)
@@ -292,4 +330,8 @@ class HTTPClient:
             pool.idle.clear()
         for conn in list(self._inflight):
             conn._fail(HTTPError("the HTTP client was closed"))
+        for pool in self._pools.values():  # those waiting for a place: told, they stop
+            for waiter in pool.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         self._pools.clear()

@@ -38,11 +38,11 @@ class Headers(Mapping[str, str]):
         return key.lower().encode("latin-1", "replace")
 
     def __getitem__(self, key: str) -> str:
-        return self._raw[self._name(key)].decode("latin-1")
+        return _text(self._raw[self._name(key)])
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self._raw.get(self._name(key))
-        return default if value is None else value.decode("latin-1")
+        return default if value is None else _text(value)
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self._name(key) in self._raw
@@ -55,6 +55,13 @@ class Headers(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"Headers({dict(self.items())!r})"
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:  # HTTP's own charset
+        return value.decode("latin-1")
 
 
 class Connection(asyncio.Protocol):
@@ -90,6 +97,8 @@ class Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(HTTPError("the server switched protocols (101): not an HTTP/1.1 API"))
         except httptools.HttpParserError as exc:
             self._fail(HTTPError(f"the server's answer is not valid HTTP/1.1: {exc}"))
 
@@ -116,9 +125,9 @@ class Connection(asyncio.Protocol):
         self.begun = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        before = self.headers.get(name)
-        self.headers[name] = value if before is None else before + b", " + value
+        # a name given twice keeps its first value, as aiohttp's headers.get() reads it
+        # (joined, a Retry-After sent twice would read "2, 2": no number at all)
+        self.headers.setdefault(name.lower(), value)
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -138,6 +147,7 @@ class Connection(asyncio.Protocol):
             return
         headers = Headers(self.headers)
         body = b"".join(self.body)
+        self.begun = False  # (a failure from here on is before the next answer)
         try:
             body = _decoded(body, headers.get("content-encoding"))
         except zlib.error as exc:
@@ -157,8 +167,11 @@ class Connection(asyncio.Protocol):
         self._fail(HTTPTimeout(f"no answer within {self.timeout:g}s"))
 
     def reusable(self) -> bool:
+        """Open, kept alive by the server, and with nothing of the last request still
+        unsent (a server may answer before it read the whole body, then close)."""
         return not self.lost and self.transport is not None and \
-            not self.transport.is_closing() and self.keep_alive
+            not self.transport.is_closing() and self.keep_alive and \
+            not self.transport.get_write_buffer_size()
 
     def close(self) -> None:
         self.lost = True
@@ -167,13 +180,33 @@ class Connection(asyncio.Protocol):
 
 
 def _decoded(body: bytes, encoding: str | None) -> bytes:
+    """The body without its content-encoding: every gzip member (RFC 1952 allows several
+    in a row), and nothing cut short or left over (zlib.decompress alone returns the first
+    member and ignores what follows: a wrong answer, quietly)."""
+    encoding = encoding.strip().lower() if encoding else encoding
     if not encoding or encoding == "identity" or not body:
         return body
     if encoding == "gzip":
-        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+        parts = []
+        while body:
+            data, body = _inflate(body, 16 + zlib.MAX_WBITS)
+            parts.append(data)
+        return b"".join(parts)
     if encoding == "deflate":
         try:
-            return zlib.decompress(body)
+            data, rest = _inflate(body, zlib.MAX_WBITS)
         except zlib.error:  # raw deflate, without the zlib header (some servers)
-            return zlib.decompress(body, -zlib.MAX_WBITS)
+            data, rest = _inflate(body, -zlib.MAX_WBITS)
+        if rest:
+            raise zlib.error(f"{len(rest)} bytes after the end of the deflate stream")
+        return data
     raise zlib.error(f"unsupported content-encoding {encoding!r}")
+
+
+def _inflate(body: bytes, wbits: int) -> tuple[bytes, bytes]:
+    """One compressed stream from the start of ``body``: its data and what follows it."""
+    stream = zlib.decompressobj(wbits)
+    data = stream.decompress(body)
+    if not stream.eof:
+        raise zlib.error("the compressed body is cut short")
+    return data, stream.unused_data

@@ -58,6 +58,8 @@ def session_for(session: Any, pool_size: int, headers: Mapping[str, str],
                 return session  # (the environment's choice was read when it was made)
             if session.loop is asyncio.get_running_loop():
                 _close_later(session)
+        elif getattr(session, "_loop", None) is not asyncio.get_running_loop():
+            pass  # an aiohttp session of an earlier event loop: it cannot serve this one
         elif use_aiohttp():
             return session
         else:
@@ -165,6 +167,9 @@ async def post(session: Any, url: str, data: bytes, timeout: float,
         # an item-level error, as litellm reports it, never a crash of the run
         raise CallError("error", redact(f"{type(exc).__name__}: {exc}")) from None
     status = answer[0]
+    if status < 200:  # a final 1xx: the server switched protocols
+        raise CallError("connection", f"the server answered {status} (switching "
+                        "protocols): not an HTTP/1.1 API")
     if 300 <= status < 400 and status != 304:
         where = answer[2].get("Location") or "(no Location given)"
         raise CallError("not_found", redact(
