@@ -165,12 +165,15 @@ async def test_a_cassette_recorder_gets_aiohttp(tmp_path: Path) -> None:
     assert not use_aiohttp()
 
 
-async def test_a_mock_of_aiohttp_gets_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("method", ["_request", "post"])
+async def test_a_mock_of_aiohttp_gets_aiohttp(monkeypatch: pytest.MonkeyPatch,
+                                             method: str) -> None:
     from unittest import mock
 
     import aiohttp
 
-    monkeypatch.setattr(aiohttp.ClientSession, "_request", mock.AsyncMock())
+    assert not use_aiohttp()
+    monkeypatch.setattr(aiohttp.ClientSession, method, mock.AsyncMock())
     assert use_aiohttp()
 
 
@@ -544,9 +547,9 @@ async def test_an_answer_before_the_body_was_read_leaves_the_connection(
 
 async def test_a_header_sent_twice_reads_as_its_first_value(client_kind: str,
                                                             serve: Any) -> None:
-    """Retry-After twice ("2", "2") must still read as 2 seconds; a case-shouting
-    Content-Encoding still decodes."""
-    data = b"Retry-After: 2\r\nretry-after: 2\r\nContent-Encoding: GZIP\r\n"
+    """Retry-After twice ("2", then "9") reads as 2 seconds through either client (joined,
+    "2, 9" was no number at all); a case-shouting Content-Encoding still decodes."""
+    data = b"Retry-After: 2\r\nretry-after: 9\r\nContent-Encoding: GZIP\r\n"
     packed = gzip.compress(b'{"x": 1}')
     server = await serve(answer(b"HTTP/1.1 200 OK\r\n" + data + b"Content-Length: %d\r\n\r\n"
                                 % len(packed) + packed))
@@ -562,6 +565,42 @@ async def test_a_switch_of_protocols_is_a_connection_error(client_kind: str,
                                 b"Connection: Upgrade\r\n\r\n\x00\x00\x12", close=True))
     err = await kind_of(post(server.url()))
     assert err.kind == "connection"
+
+
+async def test_a_request_given_up_frees_its_place_at_once() -> None:
+    """A server that accepts and never reads: a 48 MB request times out, and its pool
+    place (limit 1) is free for the next request at once (the connection is aborted, not
+    closed: a close would wait forever to send the rest of the body)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    held: list[socket.socket] = []
+
+    async def accept() -> None:
+        while True:
+            held.append((await loop.sock_accept(listener))[0])  # never read
+
+    acceptor = asyncio.ensure_future(accept())
+    client = HTTPClient(1, {})
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/x"
+    try:
+        with pytest.raises(http1.HTTPTimeout):
+            await client.post(url, b"x" * (48 << 20), 0.3)
+        await asyncio.sleep(0.05)
+        assert next(iter(client._pools.values())).open == 0
+        with pytest.raises(http1.HTTPTimeout) as second:  # its own timeout, not a place's
+            await client.post(url, b"{}", 0.3)
+        assert "waiting for a connection" not in str(second.value)
+    finally:
+        acceptor.cancel()
+        await client.close()
+        for sock in held:
+            sock.close()
+        listener.close()
 
 
 async def test_a_header_with_a_line_break_is_refused(client_kind: str, serve: Any) -> None:

@@ -93,7 +93,9 @@ def parse_retry_after(headers: Mapping[str, Any] | None) -> float | None:
     """Seconds to wait from a Retry-After (seconds or HTTP date) or retry-after-ms header."""
     if not headers:
         return None
-    lowered = {str(k).lower(): v for k, v in headers.items()}
+    lowered: dict[str, Any] = {}
+    for name, value in headers.items():  # a name sent twice: its first value, whichever
+        lowered.setdefault(str(name).lower(), value)  # client read the headers
     ms = lowered.get("retry-after-ms")
     if ms is not None:
         try:

@@ -52,24 +52,30 @@ def use_aiohttp() -> bool:
     return aiohttp_patched()
 
 
-_PLAIN: list[Any] = []  # aiohttp's own request method, once seen unpatched
+_PLAIN: list[Any] = []  # aiohttp's own methods, once seen unpatched
 
 
 def aiohttp_patched() -> bool:
-    """Whether aiohttp's request method is not aiohttp's (checked before every request:
-    one identity test once the plain method was seen)."""
+    """Whether aiohttp's request methods (``ClientSession._request``, which vcrpy and
+    aioresponses replace, and ``ClientSession.post``) are not aiohttp's own (checked
+    before every request: one identity test once the plain methods were seen)."""
     aiohttp = sys.modules.get("aiohttp")
     if aiohttp is None:  # not even imported: nobody patched it
         return False
-    request = getattr(getattr(aiohttp, "ClientSession", None), "_request", None)
-    if _PLAIN and request is _PLAIN[0]:
+    session = getattr(aiohttp, "ClientSession", None)
+    methods = (getattr(session, "_request", None), getattr(session, "post", None))
+    if _PLAIN and methods[0] is _PLAIN[0] and methods[1] is _PLAIN[1]:
         return False
-    code = getattr(request, "__code__", None)  # a wrapper has its own; a mock, a fake one
-    patched = type(code) is not types.CodeType or \
-        os.path.basename(os.path.dirname(code.co_filename)) != "aiohttp"
+    patched = not all(_aiohttp_own(method) for method in methods)
     if not patched:
-        _PLAIN[:] = [request]
+        _PLAIN[:] = list(methods)
     return patched
+
+
+def _aiohttp_own(method: Any) -> bool:
+    code = getattr(method, "__code__", None)  # a wrapper has its own; a mock, a fake one
+    return type(code) is types.CodeType and \
+        os.path.basename(os.path.dirname(code.co_filename)) == "aiohttp"
 
 
 class _Pool:

@@ -24,9 +24,9 @@ class HTTPTimeout(HTTPError):
 
 
 class Headers(Mapping[str, str]):
-    """Response headers, looked up by name in any case (a repeated one: its values
-    joined by ", "). Kept as the bytes that arrived, each decoded when it is read: a
-    provider sends ~20 headers and a call reads two or three."""
+    """Response headers, looked up by name in any case (a name sent twice: its first
+    value). Kept as the bytes that arrived, each decoded when it is read: a provider
+    sends ~20 headers and a call reads two or three."""
 
     __slots__ = ("_raw",)
 
@@ -174,9 +174,13 @@ class Connection(asyncio.Protocol):
             not self.transport.get_write_buffer_size()
 
     def close(self) -> None:
+        """At once: abort(), not close(). close() waits to send what is still buffered
+        (a server that stopped reading: forever) or for TLS's goodbye (up to 30 s), and
+        the connection's place in the pool comes free only when it is gone; the rest of
+        a request given up must not reach the server either."""
         self.lost = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
 
 def _decoded(body: bytes, encoding: str | None) -> bytes:
