@@ -83,9 +83,9 @@ def _tracked_request() -> Any:
     from datagen.llm.throttle import mark_sent
 
     class TrackedRequest(aiohttp.ClientRequest):
-        async def send(self, conn: Any) -> Any:
-            mark_sent()  # the connection is ready: the request goes out now
-            return await super().send(conn)
+        async def write_bytes(self, *args: Any, **kwargs: Any) -> Any:
+            mark_sent()  # the request goes out now (its headers wait for the body; see
+            return await super().write_bytes(*args, **kwargs)  # litellm_transport)
 
     return TrackedRequest
 
