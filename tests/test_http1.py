@@ -399,7 +399,8 @@ async def test_nothing_listening_is_a_connection_error(client_kind: str) -> None
 
 async def test_a_redirect_is_an_error_naming_where(client_kind: str, serve: Any) -> None:
     server = await serve(answer(response(301, b"", {"Location": "https://elsewhere/v1"})))
-    err = await kind_of(post(server.url()))
+    err = await kind_of(post(server.url().replace("http://", "http://bob:s3cret@")))
+    assert "s3cret" not in err.message and f"http://127.0.0.1:{server.port}/v1" in err.message
     assert err.kind == "not_found" and err.fatal and err.status == 301
     assert "https://elsewhere/v1" in err.message and "base_url" in err.message
     assert len(server.requests) == 1  # not followed
@@ -603,6 +604,21 @@ async def test_a_request_given_up_frees_its_place_at_once() -> None:
         listener.close()
 
 
+async def test_credentials_in_the_url_are_basic_auth(client_kind: str, serve: Any) -> None:
+    """``https://user:pass@host/v1`` (a server behind basic auth) sends them as Basic
+    auth, as aiohttp does; never in the Host header or the request line."""
+    import base64
+
+    server = await serve(answer(response()))
+    url = server.url().replace("http://", "http://bob:s%40cret@")
+    await post(url, client_headers={})
+    raw = server.requests[0]["raw_head"]
+    assert server.requests[0]["headers"]["authorization"] == \
+        "Basic " + base64.b64encode(b"bob:s@cret").decode()
+    assert b"bob" not in raw.split(b"\r\n", 1)[0] and \
+        server.requests[0]["headers"]["host"] == f"127.0.0.1:{server.port}"
+
+
 async def test_a_header_with_a_line_break_is_refused(client_kind: str, serve: Any) -> None:
     server = await serve(answer(response()))
     session = wire.open_session(1, {})
@@ -717,8 +733,8 @@ def test_a_new_event_loop_gets_new_connections(kind: str, monkeypatch: pytest.Mo
 
 def test_urls_frame_as_http_wants() -> None:
     assert http1._target("https://api.openai.com/v1/chat/completions") == (
-        "https", "api.openai.com", 443, b"/v1/chat/completions", b"api.openai.com")
+        "https", "api.openai.com", 443, b"/v1/chat/completions", b"api.openai.com", b"")
     assert http1._target("http://[::1]:8080/v1/x?api-version=2024") == (
-        "http", "::1", 8080, b"/v1/x?api-version=2024", b"[::1]:8080")
+        "http", "::1", 8080, b"/v1/x?api-version=2024", b"[::1]:8080", b"")
     with pytest.raises(http1.HTTPError):
         http1._target("ftp://host/x")

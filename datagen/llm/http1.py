@@ -29,6 +29,7 @@ request times out at most that much late.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import ssl
 import sys
@@ -37,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from datagen.llm.httpconn import Connection, Headers, HTTPError, HTTPTimeout
 
@@ -201,8 +202,10 @@ def _abandon(task: asyncio.Future[Any]) -> None:
 
 
 @lru_cache(maxsize=256)
-def _target(url: str) -> tuple[str, str, int, bytes, bytes]:
-    """scheme, host, port, the request target (path and query), the Host header."""
+def _target(url: str) -> tuple[str, str, int, bytes, bytes, bytes]:
+    """scheme, host, port, the request target (path and query), the Host header, and the
+    Authorization line of credentials in the URL (``https://user:pass@host/v1``: Basic
+    auth, as aiohttp sent them; b"" without)."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
@@ -212,8 +215,12 @@ def _target(url: str) -> tuple[str, str, int, bytes, bytes]:
     host = parts.hostname
     shown = f"[{host}]" if ":" in host else host
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    auth = b""
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        auth = b"Authorization: Basic " + base64.b64encode(pair.encode()) + _CRLF
     return (scheme, host, port, target.encode("latin-1"),
-            (shown if port == default else f"{shown}:{port}").encode("latin-1"))
+            (shown if port == default else f"{shown}:{port}").encode("latin-1"), auth)
 
 
 _FRAMING = {"host", "content-length", "transfer-encoding"}  # the client writes these
@@ -269,12 +276,14 @@ class HTTPClient:
         """One POST: the status, the (decoded) body, the headers. Raises HTTPError."""
         if self.closed:
             raise HTTPError("the HTTP client is closed")
-        scheme, host, port, target, host_header = _target(url)
+        scheme, host, port, target, host_header, auth = _target(url)
         pool = self._pools.get((scheme, host, port))
         if pool is None:
             pool = self._pools[scheme, host, port] = _Pool(self, scheme, host, port)
         lines = self._fixed if not headers else self._merged(headers)  # (may refuse them:
         host_header = (_host_of(headers) if headers else None) or self._host or host_header
+        if auth and b"\nauthorization:" not in b"\n" + lines.lower():  # the URL's user
+            lines += auth
         head = b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n" % (
             target, host_header, lines, len(body))  # before a connection is taken)
         loop = self.loop

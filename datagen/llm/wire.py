@@ -173,9 +173,20 @@ async def post(session: Any, url: str, data: bytes, timeout: float,
     if 300 <= status < 400 and status != 304:
         where = answer[2].get("Location") or "(no Location given)"
         raise CallError("not_found", redact(
-            f"{status}: the server redirects {url} to {where}; set model.base_url to "
-            "the address it points to"), status)
+            f"{status}: the server redirects {_shown(url)} to {where}; set model.base_url "
+            "to the address it points to"), status)
     return answer
+
+
+def _shown(url: str) -> str:
+    """``url`` without credentials in it (``https://user:pass@host`` -> ``https://host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=host))
 
 
 async def _aiohttp_post(session: Any, url: str, data: bytes, timeout: float,
