@@ -4,7 +4,7 @@ anywhere), beside the rate achieved, on both transports.
     python -m benchmarks.rate_windows                       # every case, both transports
     python -m benchmarks.rate_windows --cases cap5,cap200 --transports openai
 
-Cases: caps of 5, 50 and 200 req/s; ``requests_per_minute: 600``; 20 runs back to back on
+Cases: caps of 5, 50, 100 and 200 req/s; ``requests_per_minute: 600``; 20 runs back to back on
 one pipeline at a cap of 20; two runs overlapping in one process at a cap of 20 (one
 budget per endpoint). The server (datagen.testing.fake_server) runs in its own process on
 127.0.0.1 with 20 ms latency, and each case's client in its own process. "achieved" is
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CASES: dict[str, tuple[float, int, dict[str, Any], int, bool]] = {
     "cap5": (5, 40, {"rate_limit": 5}, 1, False),
     "cap50": (50, 400, {"rate_limit": 50}, 1, False),
+    "cap100": (100, 1500, {"rate_limit": 100}, 1, False),  # issue 16's case
     "cap200": (200, 1600, {"rate_limit": 200}, 1, False),
     "rpm600": (10, 80, {"requests_per_minute": 600}, 1, False),
     "back-to-back": (20, 10, {"rate_limit": 20}, 20, False),
