@@ -18,6 +18,7 @@ A thread whose call timed out is abandoned (Python cannot kill it) and replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import queue
 import threading
@@ -115,7 +116,10 @@ class _DaemonPool:
                 result, error = fn(*args), None
             except BaseException as exc:  # handed to the caller, whatever it is
                 result, error = None, exc
-            loop.call_soon_threadsafe(_settle, future, result, error)
+            # its loop closed (the run ended; a call that timed out came back late): nobody
+            # waits for it, and the thread goes on to serve the next one
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, future, result, error)
             with self._lock:
                 self._idle += 1
 

@@ -290,3 +290,36 @@ def test_seen_set_bulk_add_and_missing_agree_with_one_at_a_time() -> None:
     assert bulk.missing(probes) == bytearray(int(p not in one) for p in probes)
     pairs = bulk.missing(array("Q", [values[0], values[1], values[2], 12345]), group=2)
     assert pairs == bytearray([0, int(12345 not in one)])
+
+
+def test_a_user_code_thread_outlives_a_closed_loop() -> None:
+    """A sync user function that finishes after its run's event loop closed (it timed
+    out, the run ended) must not kill its worker thread: the next call is still served
+    (the thread raised "Event loop is closed" and died, and the pool still counted it)."""
+    import threading
+    import time
+
+    from datagen import usercode
+
+    release = threading.Event()
+    errors: list[BaseException] = []
+    hook, threading.excepthook = threading.excepthook, lambda args: errors.append(
+        args.exc_value)  # type: ignore[assignment]
+    try:
+        async def late() -> None:
+            with pytest.raises(usercode.UserCodeError):
+                await usercode.call_user(lambda _: release.wait(5), 1, kind="validation",
+                                         timeout=0.05)
+
+        asyncio.run(late())  # the loop is closed; the function is still running
+        release.set()
+        time.sleep(0.2)  # it returns now, to a closed loop
+        assert not errors
+
+        async def again() -> object:
+            return await usercode.call_user(lambda x: x + 1, 1, kind="validation",
+                                            timeout=2)
+
+        assert asyncio.run(again()) == 2
+    finally:
+        threading.excepthook = hook
