@@ -43,10 +43,12 @@ log = get_logger("datagen.llm")
 # the time between our grant and the request reaching the server varies by a few
 # milliseconds (event-loop wake-ups, the transport's own CPU before it sends), and the
 # margin absorbs that variation so the server never sees cap+1 in one second.
-# The bound is enforced on the moment a request is handed to the transport; the margin
-# covers the time from there to the server (measured: 0.5-4 ms on the fast path, a few
-# milliseconds of litellm's own CPU on its path). It costs cap x margin of the rate.
-SEND_JITTER_MARGIN_S = {"fast": 0.03, "slow": 0.04}
+# The bound is enforced on the moment each transport reports its request written (the
+# fast transports just before their socket write; litellm's, aiohttp's write_bytes, in the
+# same step as its socket write); the margin covers the time from there to the server
+# (measured: 0.5-4 ms). It costs cap x margin of the rate. (litellm's was 0.04 while its
+# moment was aiohttp's send(), a loop turn or more before the write.)
+SEND_JITTER_MARGIN_S = {"fast": 0.03, "slow": 0.03}
 
 
 @dataclass(frozen=True)
