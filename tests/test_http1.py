@@ -107,6 +107,16 @@ def answer(data: bytes, close: bool = False) -> Handler:
     return handle
 
 
+def answer_after(delay: float) -> Handler:
+    """A plain 200, ``delay`` seconds after each request."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     request: dict[str, Any]) -> None:
+        await asyncio.sleep(delay)
+        writer.write(response())
+        await writer.drain()
+    return handle
+
+
 @pytest.fixture(params=CLIENTS)
 def client_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("DATAGEN_HTTP_CLIENT", request.param)
@@ -347,13 +357,7 @@ async def test_a_waiter_cancelled_as_its_turn_came_passes_the_turn_on(serve: Any
     its timeout behind a turn nobody took. (Python 3.11's wait_for lets B keep a turn
     that came with its cancellation, so there this cannot go wrong; 3.12's lets the
     cancellation win, and the turn must be passed on.)"""
-    async def quick(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    request: dict[str, Any]) -> None:
-        await asyncio.sleep(0.05)
-        writer.write(response())
-        await writer.drain()
-
-    server = await serve(quick)
+    server = await serve(answer_after(0.05))
     client = HTTPClient(1, {})
     loop = asyncio.get_running_loop()
     try:
@@ -419,13 +423,7 @@ async def test_a_closing_server_gets_a_new_connection_each_time(client_kind: str
 
 
 async def test_no_more_connections_than_the_limit(client_kind: str, serve: Any) -> None:
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   request: dict[str, Any]) -> None:
-        await asyncio.sleep(0.02)
-        writer.write(response())
-        await writer.drain()
-
-    server = await serve(slow)
+    server = await serve(answer_after(0.02))
     session = wire.open_session(3, {})
     try:
         answers = await asyncio.gather(*(wire.post(session, server.url(), b"{}", 10.0)
@@ -457,13 +455,7 @@ async def test_framing_headers_are_the_clients_own(client_kind: str, serve: Any)
 
 
 async def test_closing_the_client_stops_what_waits_for_a_place(serve: Any) -> None:
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   request: dict[str, Any]) -> None:
-        await asyncio.sleep(0.2)
-        writer.write(response())
-        await writer.drain()
-
-    server = await serve(slow)
+    server = await serve(answer_after(0.2))
     client = HTTPClient(1, {})
     tasks = [asyncio.ensure_future(client.post(server.url(), b"{}", 5.0)) for _ in range(3)]
     await asyncio.sleep(0.05)  # one in flight, two waiting for the one place
@@ -479,13 +471,7 @@ async def test_a_task_cancelled_as_its_turn_comes_sends_nothing(client_kind: str
     """Limit 1: A holds the connection, B waits for it; A's task cancels B in the very
     step it gets its answer (the connection goes to B then). B must end cancelled with
     nothing sent (through asyncio.wait_for, Python 3.11 let it go on and send)."""
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   request: dict[str, Any]) -> None:
-        await asyncio.sleep(0.05)
-        writer.write(response())
-        await writer.drain()
-
-    server = await serve(slow)
+    server = await serve(answer_after(0.05))
     session = wire.open_session(1, {})
     b: asyncio.Future[Any] | None = None
 
@@ -628,13 +614,7 @@ async def test_a_header_with_a_line_break_is_refused(client_kind: str, serve: An
 
 
 async def test_a_cancelled_request_frees_its_connection(serve: Any) -> None:
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   request: dict[str, Any]) -> None:
-        await asyncio.sleep(0.3)
-        writer.write(response())
-        await writer.drain()
-
-    server = await serve(slow)
+    server = await serve(answer_after(0.3))
     client = HTTPClient(1, {})
     try:
         task = asyncio.ensure_future(client.post(server.url(), b"{}", 5.0))
